@@ -1,0 +1,124 @@
+"""Cost models: predicted seconds for expert compute on each tier and for a PCIe transfer.
+
+Schedulers, prefetchers and the simulator all price work through the same ``CostModel``, so a policy
+is judged by the model it was designed against. ``RooflineCost`` derives the numbers from a hardware
+profile and a model preset; ``ReleasedCost`` reproduces the constants hard-coded in the released
+HybriMoE scheduler (used to check that ``hss`` behaves like the release).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from hybrimoe_kt.core.hardware import HardwareProfile
+from hybrimoe_kt.core.models import ModelPreset
+
+
+class CostModel(Protocol):
+    """Seconds. ``*_call`` is paid once per layer call that puts at least one expert on that tier."""
+
+    cpu_call: float
+    gpu_call: float
+
+    def cpu_expert(self, n_tokens: int) -> float: ...
+    def gpu_expert(self, n_tokens: int) -> float: ...
+    def transfer(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RooflineCost:
+    """Per-expert roofline: overhead + max(bytes / bandwidth, flops / throughput), for one model."""
+
+    cpu_call: float
+    gpu_call: float
+    cpu_fixed: float          # per-expert overhead
+    cpu_mem: float            # weight-read time of one expert
+    cpu_per_token: float      # compute time per token
+    gpu_fixed: float
+    gpu_mem: float
+    gpu_per_token: float
+    transfer_s: float
+    # non-MoE work, for the simulator
+    attn_mem: float           # attention weight reads per layer on the GPU
+    attn_per_token: float
+    shared_mem: float         # shared expert(s) per MoE layer on the GPU (0 if none)
+    shared_per_token: float
+    layer_fixed: float
+    expert_bytes_cpu: int
+    expert_bytes_gpu: int
+
+    @staticmethod
+    def build(profile: HardwareProfile, model: ModelPreset, cpu_format: str = "q4_k_m",
+              gpu_format: str = "int4-g128") -> "RooflineCost":
+        us = 1e-6
+        b_cpu = model.expert_bytes(cpu_format)
+        b_gpu = model.expert_bytes(gpu_format)
+        f_tok = model.expert_flops(1)
+        cpu, gpu = profile.cpu, profile.gpu
+        shared_flops = 2.0 * 3 * model.hidden * model.shared_intermediate
+        return RooflineCost(
+            cpu_call=cpu.call_overhead_us * us,
+            gpu_call=gpu.call_overhead_us * us,
+            cpu_fixed=cpu.expert_overhead_us * us,
+            cpu_mem=b_cpu / (cpu.mem_bw_gbs * 1e9),
+            cpu_per_token=f_tok / (cpu.tflops * 1e12),
+            gpu_fixed=gpu.expert_overhead_us * us,
+            gpu_mem=b_gpu / (gpu.mem_bw_gbs * 1e9),
+            gpu_per_token=f_tok / (gpu.tflops * 1e12),
+            transfer_s=profile.pcie.latency_us * us + b_gpu / (profile.pcie.bw_gbs * 1e9),
+            attn_mem=model.attn_bytes(gpu_format) / (gpu.mem_bw_gbs * 1e9),
+            attn_per_token=2.0 * model.attn_params / (gpu.tflops * 1e12),
+            shared_mem=model.shared_bytes(gpu_format) / (gpu.mem_bw_gbs * 1e9),
+            shared_per_token=shared_flops / (gpu.tflops * 1e12),
+            layer_fixed=profile.layer_overhead_us * us,
+            expert_bytes_cpu=b_cpu,
+            expert_bytes_gpu=b_gpu,
+        )
+
+    def cpu_expert(self, n_tokens: int) -> float:
+        c = n_tokens * self.cpu_per_token
+        return self.cpu_fixed + (c if c > self.cpu_mem else self.cpu_mem)
+
+    def gpu_expert(self, n_tokens: int) -> float:
+        c = n_tokens * self.gpu_per_token
+        return self.gpu_fixed + (c if c > self.gpu_mem else self.gpu_mem)
+
+    def transfer(self) -> float:
+        return self.transfer_s
+
+    def non_moe(self, n_tokens: int) -> float:
+        """Attention and the rest of one decoder layer on the GPU (shared experts excluded)."""
+        c = n_tokens * self.attn_per_token
+        return self.layer_fixed + (c if c > self.attn_mem else self.attn_mem)
+
+    def shared(self, n_tokens: int) -> float:
+        """Shared expert(s) of one MoE layer on the GPU; 0 for models without."""
+        if self.shared_mem == 0.0:
+            return 0.0
+        c = n_tokens * self.shared_per_token
+        return c if c > self.shared_mem else self.shared_mem
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedCost:
+    """The released HybriMoE scheduler's constants (milliseconds, taken as seconds here).
+
+    t_cpu(n) = c * n, plus 0.79 for the first CPU task of a layer; t_gpu = 0.5 per expert whatever the
+    token count; t_move = 0.418 per uncached expert. ``c`` is 1.0 (DeepSeek), 0.2 (Mixtral), 0.8 (Qwen2).
+    """
+
+    c: float = 1.0
+    cpu_call: float = 0.79
+    gpu_call: float = 0.0
+    t_gpu: float = 0.5
+    t_move: float = 0.418
+
+    def cpu_expert(self, n_tokens: int) -> float:
+        return self.c * n_tokens
+
+    def gpu_expert(self, n_tokens: int) -> float:
+        return self.t_gpu
+
+    def transfer(self) -> float:
+        return self.t_move
