@@ -1,0 +1,189 @@
+"""The expert cache: which routed experts hold a GPU slot, under per-layer quotas or one global pool.
+
+The cache owns capacity, pinning, in-flight copies and hit counters; an ``EvictionPolicy`` only ranks
+residents, and an ``AdmissionRule`` says whether a transferred expert may take a slot at all. Times are
+seconds of the executor's clock (absolute), passed in by the caller: nothing here reads a real clock.
+
+Invariants (checked by the shared contract tests):
+- residents never exceed capacity (per layer, or in total for a global pool);
+- an expert in use by the current forward, pinned, or whose copy is still in flight is never evicted;
+- a victim is always resident.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Collection, Iterable, Optional, Sequence, Union
+
+from hybrimoe_kt.core.protocols import EvictionPolicy
+from hybrimoe_kt.core.types import ExpertId
+
+
+class CacheFull(RuntimeError):
+    """No free slot and every resident is in use, pinned or in flight."""
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    hits: int = 0        # activated and resident, weights already on the GPU
+    late_hits: int = 0   # activated and resident, copy still in flight
+    misses: int = 0      # activated and not resident
+    admissions: int = 0
+    evictions: int = 0
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.late_hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits (late hits included) over activations; 0 when nothing was accessed."""
+        a = self.accesses
+        return (self.hits + self.late_hits) / a if a else 0.0
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        n_layers: int,
+        n_experts: int,
+        capacity: Union[int, Sequence[int]],
+        policy: EvictionPolicy,
+        *,
+        global_pool: bool = False,
+    ) -> None:
+        if n_layers < 1 or n_experts < 1:
+            raise ValueError(f"cache needs n_layers >= 1 and n_experts >= 1, got {n_layers}, {n_experts}")
+        if global_pool:
+            if not isinstance(capacity, int) or not 0 <= capacity <= n_layers * n_experts:
+                raise ValueError(f"global pool capacity must be an int in 0..{n_layers * n_experts}, "
+                                 f"got {capacity!r}")
+            quotas = [n_experts] * n_layers
+        else:
+            quotas = [capacity] * n_layers if isinstance(capacity, int) else [int(c) for c in capacity]
+            if len(quotas) != n_layers or any(not 0 <= q <= n_experts for q in quotas):
+                raise ValueError(f"per-layer quotas must be {n_layers} values in 0..{n_experts}, "
+                                 f"got {capacity!r}")
+        self.n_layers = n_layers
+        self.n_experts = n_experts
+        self.policy = policy
+        self.global_pool = global_pool
+        self.quotas = quotas
+        self.capacity = capacity if global_pool else sum(quotas)
+        self.counters = CacheCounters()
+        self._slots: list[dict[int, float]] = [{} for _ in range(n_layers)]  # expert -> ready time
+        self._pinned: set[ExpertId] = set()
+        self._size = 0
+
+    # --- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, eid: ExpertId) -> bool:
+        return eid[1] in self._slots[eid[0]]
+
+    def resident(self, layer: int) -> Collection[int]:
+        """Experts of ``layer`` holding a slot, copies in flight included (a live view)."""
+        return self._slots[layer].keys()
+
+    def ready_at(self, eid: ExpertId) -> float:
+        return self._slots[eid[0]][eid[1]]
+
+    def in_flight(self, layer: int, now: float) -> dict[int, float]:
+        """Resident experts of ``layer`` whose copy lands after ``now``: expert -> seconds until it lands."""
+        return {e: t - now for e, t in self._slots[layer].items() if t > now}
+
+    def has_room(self, layer: int) -> bool:
+        if self.global_pool:
+            return self._size < self.capacity
+        return len(self._slots[layer]) < self.quotas[layer]
+
+    def candidates(self, layer: int, in_use: Collection[ExpertId], now: float) -> list[ExpertId]:
+        """Residents that may be evicted to make room for an expert of ``layer``."""
+        layers: Iterable[int] = range(self.n_layers) if self.global_pool else (layer,)
+        out = []
+        for l in layers:
+            for e, t in self._slots[l].items():
+                eid = (l, e)
+                if t <= now and eid not in in_use and eid not in self._pinned:
+                    out.append(eid)
+        return out
+
+    # --- changes -------------------------------------------------------------------------------
+    def account(self, layer: int, experts: Iterable[int], now: float) -> tuple[int, int, int]:
+        """Count the activated ``experts`` of one forward at ``layer`` as hits, late hits or misses."""
+        slots = self._slots[layer]
+        h = lh = m = 0
+        for e in experts:
+            t = slots.get(e)
+            if t is None:
+                m += 1
+            elif t <= now:
+                h += 1
+            else:
+                lh += 1
+        c = self.counters
+        c.hits += h
+        c.late_hits += lh
+        c.misses += m
+        return h, lh, m
+
+    def choose_victim(self, layer: int, in_use: Collection[ExpertId], now: float) -> Optional[ExpertId]:
+        """The expert that admitting one more expert of ``layer`` would evict; None if a slot is free."""
+        if self.has_room(layer):
+            return None
+        cands = self.candidates(layer, in_use, now)
+        if not cands:
+            raise CacheFull(f"layer {layer}: no free slot and every resident is in use, pinned or in flight")
+        victim = self.policy.victim(cands)
+        if victim not in cands:
+            raise RuntimeError(f"eviction policy {self.policy.name} chose {victim}, not a candidate")
+        return victim
+
+    def admit(self, eid: ExpertId, ready_at: float, in_use: Collection[ExpertId], now: float,
+              victim: Optional[ExpertId] = None) -> Optional[ExpertId]:
+        """Give ``eid`` a slot whose copy lands at ``ready_at``; returns the evicted expert, if any.
+
+        ``victim`` may be passed when the caller already asked ``choose_victim`` (same arguments).
+        """
+        layer, e = eid
+        if e in self._slots[layer]:
+            raise ValueError(f"expert {eid} is already resident")
+        if victim is None and not self.has_room(layer):
+            victim = self.choose_victim(layer, in_use, now)
+        if victim is not None:
+            self.evict(victim)
+        self._slots[layer][e] = ready_at
+        self._size += 1
+        self.counters.admissions += 1
+        self.policy.on_admit(eid)
+        return victim
+
+    def evict(self, eid: ExpertId) -> None:
+        if eid in self._pinned:
+            raise ValueError(f"expert {eid} is pinned and cannot be evicted")
+        del self._slots[eid[0]][eid[1]]
+        self._size -= 1
+        self.counters.evictions += 1
+        self.policy.on_evict(eid)
+
+    def place(self, eids: Iterable[ExpertId]) -> None:
+        """Initial placement at load time: free, counted as neither admission nor transfer."""
+        for eid in eids:
+            layer, e = eid
+            if e in self._slots[layer]:
+                continue
+            if not self.has_room(layer):
+                raise ValueError(f"initial placement exceeds the capacity at layer {layer}")
+            self._slots[layer][e] = -math.inf
+            self._size += 1
+            self.policy.on_admit(eid)
+
+    def pin(self, eid: ExpertId) -> None:
+        if eid not in self:
+            raise ValueError(f"cannot pin {eid}: not resident")
+        self._pinned.add(eid)
+
+    def unpin(self, eid: ExpertId) -> None:
+        self._pinned.discard(eid)
