@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hybrimoe_kt.core.hardware import HardwareProfile
-from hybrimoe_kt.core.models import ModelPreset
+from hybrimoe_kt.core.models import ModelPreset, bits_per_weight
 
 
 class CostModel(Protocol):
@@ -45,6 +45,9 @@ class RooflineCost:
     shared_mem: float         # shared expert(s) per MoE layer on the GPU (0 if none)
     shared_per_token: float
     layer_fixed: float
+    extra_mem: float          # dense layers and LM head, once per forward
+    extra_per_token: float
+    n_extra_layers: int
     expert_bytes_cpu: int
     expert_bytes_gpu: int
 
@@ -72,6 +75,9 @@ class RooflineCost:
             shared_mem=model.shared_bytes(gpu_format) / (gpu.mem_bw_gbs * 1e9),
             shared_per_token=shared_flops / (gpu.tflops * 1e12),
             layer_fixed=profile.layer_overhead_us * us,
+            extra_mem=model.extra_params() * bits_per_weight(gpu_format) / 8 / (gpu.mem_bw_gbs * 1e9),
+            extra_per_token=2.0 * model.extra_params() / (gpu.tflops * 1e12),
+            n_extra_layers=model.n_dense_layers,
             expert_bytes_cpu=b_cpu,
             expert_bytes_gpu=b_gpu,
         )
@@ -91,6 +97,11 @@ class RooflineCost:
         """Attention and the rest of one decoder layer on the GPU (shared experts excluded)."""
         c = n_tokens * self.attn_per_token
         return self.layer_fixed + (c if c > self.attn_mem else self.attn_mem)
+
+    def forward_extra(self, n_tokens: int) -> float:
+        """Dense layers and the LM head of one forward, on the GPU."""
+        c = n_tokens * self.extra_per_token
+        return self.n_extra_layers * self.layer_fixed + (c if c > self.extra_mem else self.extra_mem)
 
     def shared(self, n_tokens: int) -> float:
         """Shared expert(s) of one MoE layer on the GPU; 0 for models without."""

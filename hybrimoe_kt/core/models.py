@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal, Mapping, get_args
 
 WeightFormat = Literal["bf16", "q8_0", "q4_k_m", "int4-g128", "int8"]
 
@@ -36,6 +36,7 @@ class ModelPreset:
     shared_intermediate: int  # total width of the shared expert(s) of one layer (0 if none)
     attn_params: int          # attention weights per layer (approximate; MLA counted by its projections)
     vocab: int
+    dense_intermediate: int = 0  # FFN width of the leading dense layers (0 if none)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.n_experts:
@@ -64,6 +65,11 @@ class ModelPreset:
     def attn_bytes(self, fmt: str) -> int:
         return int(round(self.attn_params * bits_per_weight(fmt) / 8))
 
+    def extra_params(self) -> int:
+        """Weights read once per forward outside the MoE layers: dense layers and the LM head."""
+        dense = self.n_dense_layers * (self.attn_params + 3 * self.hidden * self.dense_intermediate)
+        return dense + self.vocab * self.hidden
+
     def routed_bytes_per_token(self, fmt: str) -> int:
         return self.n_moe_layers * self.top_k * self.expert_bytes(fmt)
 
@@ -85,19 +91,25 @@ MODEL_PRESETS: Mapping[str, ModelPreset] = {
         ModelPreset("qwen2-57b-a14b", "Qwen/Qwen2-57B-A14B", 28, 0, 64, 8, 1, 3584, 2560, 20480,
                     3584 * 3584 * 2 + 2 * 3584 * 512, 151936),
         ModelPreset("deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite", 27, 1, 64, 6, 2, 2048, 1408,
-                    2 * 1408, 2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048, 102400),
+                    2 * 1408, 2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048, 102400,
+                    dense_intermediate=10944),
         ModelPreset("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", 48, 0, 128, 8, 0, 2048, 768, 0,
                     2048 * 4096 * 2 + 2 * 2048 * 512, 151936),
         ModelPreset("deepseek-v3", "deepseek-ai/DeepSeek-V3", 61, 3, 256, 8, 1, 7168, 2048, 2048,
                     7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168,
-                    129280),
+                    129280, dense_intermediate=18432),
+        ModelPreset("qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", 24, 0, 60, 4, 4, 2048, 1408, 5632,
+                    4 * 2048 * 2048, 151936),
         ModelPreset("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924", 16, 0, 64, 8, 0, 2048, 1024, 0,
                     4 * 2048 * 2048, 50304),
     )
 }
 
 ModelName = Literal["mixtral-8x7b", "qwen2-57b-a14b", "deepseek-v2-lite", "qwen3-30b-a3b",
-                    "deepseek-v3", "olmoe-1b-7b"]
+                    "deepseek-v3", "qwen1.5-moe-a2.7b", "olmoe-1b-7b"]
+
+
+assert set(MODEL_PRESETS) == set(get_args(ModelName))
 
 
 def get_model(name: str) -> ModelPreset:
