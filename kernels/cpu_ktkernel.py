@@ -1,0 +1,114 @@
+"""kt-kernel CPU expert backend (BF16 weights) over the low-level extension ``kt_kernel.kt_kernel_ext``.
+
+The extension reads raw pointers when a task runs, not when it is created, so every tensor whose
+address is handed to a task (weights, expert map, mask, inputs, outputs, token count) is kept
+referenced on this object until the task is known to have finished (``sync``). Calls with more tokens
+than ``max_len`` are split into consecutive chunks; the extension's queue runs them in order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from hybrimoe_kt.kernels.cpu_backend import check_call, check_weights
+
+log = logging.getLogger(__name__)
+
+# BF16 MoE classes in order of preference: AMX tiles (falls back to AVX-512 BF16 inside), then AVX2.
+BF16_MOE_CLASSES = ("AMXBF16_MOE", "AVX2BF16_MOE")
+
+
+def bf16_moe_class(kx: ModuleType) -> Any | None:
+    """The best BF16 MoE class the loaded extension variant offers, or None."""
+    for name in BF16_MOE_CLASSES:
+        cls = getattr(kx.moe, name, None)
+        if cls is not None:
+            return cls
+    return None
+
+
+class KtKernelBackend:
+    name = "kt-kernel"
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, n_threads: int = 1,
+                 *, top_k: int | None = None, max_len: int = 256, layer_idx: int = 0):
+        self.n_experts, self.hidden, self.intermediate = check_weights(gate, up, down)
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.top_k = self.n_experts if top_k is None else top_k
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k must be in 1..{self.n_experts}, got {top_k}")
+        self.n_threads = n_threads
+        self.max_len = max_len
+        kx = importlib.import_module("kt_kernel.kt_kernel_ext")
+        cls = bf16_moe_class(kx)
+        if cls is None:
+            raise ValueError("kt_kernel.kt_kernel_ext has no BF16 MoE class; use the 'torch' backend")
+        self.variant = f"{getattr(importlib.import_module('kt_kernel'), '__cpu_variant__', '?')}/{cls.__name__}"
+        # Referenced for the whole life of the extension objects: the extension keeps their addresses.
+        self._gate = gate.contiguous()      # [E, I, H]
+        self._up = up.contiguous()          # [E, I, H]
+        self._down = down.contiguous()      # [E, H, I]
+        self.gpu_mask = torch.zeros(self.n_experts, dtype=torch.bool)  # [E], read at forward time
+        self._p2l = torch.arange(self.n_experts, dtype=torch.int64)    # [E] physical -> logical ids
+        self._cpu = kx.CPUInfer(n_threads)
+        cfg = kx.moe.MOEConfig(self.n_experts, self.top_k, self.hidden, self.intermediate,
+                               self.gpu_mask.data_ptr())
+        cfg.layer_idx = layer_idx
+        cfg.pool = self._cpu.backend_
+        cfg.max_len = max_len
+        cfg.gate_proj = self._gate.data_ptr()
+        cfg.up_proj = self._up.data_ptr()
+        cfg.down_proj = self._down.data_ptr()
+        self._cfg = cfg
+        self._moe = cls(cfg)
+        self._cpu.submit(self._moe.load_weights_task(self._p2l.data_ptr()))
+        self._cpu.sync()
+        self._pending: list[torch.Tensor] = []  # tensors used by submitted, not yet synced tasks
+        log.debug("kt-kernel backend ready: %s, E=%d H=%d I=%d top_k=%d threads=%d", self.variant,
+                  self.n_experts, self.hidden, self.intermediate, self.top_k, n_threads)
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+               out: torch.Tensor) -> None:
+        check_call(x, ids, weights, out, self.hidden, self.n_experts)
+        k = ids.shape[1]
+        if k > self.top_k:
+            raise ValueError(f"ids has {k} experts per token but this backend was built with "
+                             f"top_k={self.top_k}; build it with top_k >= {k}")
+        x = x.contiguous()              # [N, H]
+        ids = ids.contiguous()          # [N, K]
+        weights = weights.contiguous()  # [N, K]
+        n = x.shape[0]
+        if n == 0:
+            return
+        for s in range(0, n, self.max_len):
+            e = min(n, s + self.max_len)
+            qlen = torch.tensor([e - s], dtype=torch.int32)  # [1]
+            xs, ids_s, w_s, out_s = x[s:e], ids[s:e], weights[s:e], out[s:e]
+            self._pending += [qlen, xs, ids_s, w_s, out_s]
+            self._cpu.submit(self._moe.forward_task(qlen.data_ptr(), k, ids_s.data_ptr(), w_s.data_ptr(),
+                                                    xs.data_ptr(), out_s.data_ptr()))
+
+    def sync(self) -> None:
+        self._cpu.sync()
+        self._pending.clear()
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(x.shape[0], self.hidden, dtype=torch.bfloat16)
+        self.submit(x, ids, weights, out)
+        self.sync()
+        return out
+
+    def __del__(self) -> None:
+        # never free tensors that a queued task still reads
+        if getattr(self, "_pending", None):
+            self._cpu.sync()
