@@ -13,11 +13,17 @@ Invariants (checked by the shared contract tests):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Collection, Iterable, Optional, Sequence, Union
 
 from hybrimoe_kt.core.protocols import EvictionPolicy
 from hybrimoe_kt.core.types import ExpertId
+
+
+def _is_int(x: object) -> bool:
+    """True for Python and numpy integers (not bools, not floats)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 class CacheFull(RuntimeError):
@@ -53,18 +59,25 @@ class ExpertCache:
         *,
         global_pool: bool = False,
     ) -> None:
-        if n_layers < 1 or n_experts < 1:
-            raise ValueError(f"cache needs n_layers >= 1 and n_experts >= 1, got {n_layers}, {n_experts}")
+        if not _is_int(n_layers) or not _is_int(n_experts) or n_layers < 1 or n_experts < 1:
+            raise ValueError(f"cache needs integers n_layers >= 1 and n_experts >= 1, "
+                             f"got {n_layers!r}, {n_experts!r}")
+        n_layers, n_experts = int(n_layers), int(n_experts)
         if global_pool:
-            if not isinstance(capacity, int) or not 0 <= capacity <= n_layers * n_experts:
+            if not _is_int(capacity) or not 0 <= capacity <= n_layers * n_experts:
                 raise ValueError(f"global pool capacity must be an int in 0..{n_layers * n_experts}, "
                                  f"got {capacity!r}")
+            capacity = int(capacity)
             quotas = [n_experts] * n_layers
         else:
-            quotas = [capacity] * n_layers if isinstance(capacity, int) else [int(c) for c in capacity]
-            if len(quotas) != n_layers or any(not 0 <= q <= n_experts for q in quotas):
-                raise ValueError(f"per-layer quotas must be {n_layers} values in 0..{n_experts}, "
+            try:
+                quotas = [capacity] * n_layers if _is_int(capacity) else list(capacity)  # type: ignore[arg-type]
+            except TypeError:
+                quotas = []
+            if len(quotas) != n_layers or any(not _is_int(q) or not 0 <= q <= n_experts for q in quotas):
+                raise ValueError(f"per-layer quotas must be an int or {n_layers} ints, each in 0..{n_experts}, "
                                  f"got {capacity!r}")
+            quotas = [int(q) for q in quotas]
         self.n_layers = n_layers
         self.n_experts = n_experts
         self.policy = policy
@@ -111,6 +124,11 @@ class ExpertCache:
         return out
 
     # --- changes -------------------------------------------------------------------------------
+    def _check(self, eid: ExpertId) -> None:
+        if not (0 <= eid[0] < self.n_layers and 0 <= eid[1] < self.n_experts):
+            raise ValueError(f"expert id {eid!r} out of range: layers 0..{self.n_layers - 1}, "
+                             f"experts 0..{self.n_experts - 1}")
+
     def account(self, layer: int, experts: Iterable[int], now: float) -> tuple[int, int, int]:
         """Count the activated ``experts`` of one forward at ``layer`` as hits, late hits or misses."""
         slots = self._slots[layer]
@@ -147,6 +165,7 @@ class ExpertCache:
 
         ``victim`` may be passed when the caller already asked ``choose_victim`` (same arguments).
         """
+        self._check(eid)
         layer, e = eid
         if e in self._slots[layer]:
             raise ValueError(f"expert {eid} is already resident")
@@ -161,6 +180,9 @@ class ExpertCache:
         return victim
 
     def evict(self, eid: ExpertId) -> None:
+        self._check(eid)
+        if eid not in self:
+            raise ValueError(f"cannot evict {eid}: not resident")
         if eid in self._pinned:
             raise ValueError(f"expert {eid} is pinned and cannot be evicted")
         del self._slots[eid[0]][eid[1]]
@@ -171,6 +193,7 @@ class ExpertCache:
     def place(self, eids: Iterable[ExpertId]) -> None:
         """Initial placement at load time: free, counted as neither admission nor transfer."""
         for eid in eids:
+            self._check(eid)
             layer, e = eid
             if e in self._slots[layer]:
                 continue
@@ -181,6 +204,7 @@ class ExpertCache:
             self.policy.on_admit(eid)
 
     def pin(self, eid: ExpertId) -> None:
+        self._check(eid)
         if eid not in self:
             raise ValueError(f"cannot pin {eid}: not resident")
         self._pinned.add(eid)

@@ -1,0 +1,33 @@
+"""Helpers shared by the eviction policies: argument checks and deterministic selection."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from hybrimoe_kt.core.types import ExpertId
+
+
+def check_dims(n_layers: int, n_experts: int) -> tuple[int, int]:
+    """Validate and return ``(n_layers, n_experts)``; both must be integers >= 1."""
+    try:
+        nl, ne = int(n_layers), int(n_experts)
+    except (TypeError, ValueError):
+        raise ValueError(f"n_layers and n_experts must be integers, got {n_layers!r}, {n_experts!r}") from None
+    if nl != n_layers or ne != n_experts or nl < 1 or ne < 1:
+        raise ValueError(f"n_layers and n_experts must be integers >= 1, got {n_layers!r}, {n_experts!r}")
+    return nl, ne
+
+
+def check_eid(eid: ExpertId, n_layers: int, n_experts: int) -> tuple[int, int]:
+    """Validate one expert id against the model shape; returns it as a plain ``(int, int)``."""
+    layer, expert = int(eid[0]), int(eid[1])
+    if not (0 <= layer < n_layers and 0 <= expert < n_experts):
+        raise ValueError(f"expert id {eid!r} out of range: layers 0..{n_layers - 1}, experts 0..{n_experts - 1}")
+    return layer, expert
+
+
+def lowest(candidates: Sequence[ExpertId], key: Callable[[ExpertId], tuple]) -> ExpertId:
+    """The candidate with the smallest ``(key(eid), layer, expert)``: ties always fall to the lowest id."""
+    if not candidates:
+        raise ValueError("victim() needs at least one candidate")
+    return min(candidates, key=lambda eid: (*key(eid), eid[0], eid[1]))

@@ -1,0 +1,80 @@
+"""Belady's offline optimum: evict the resident expert whose next use lies furthest in the future.
+
+The policy is given the future: ``uses[eid]`` is the sorted list of logical positions at which the
+expert is activated, with position = ``forward_index * n_layers + layer`` (the ``Clock`` convention).
+At a decision, the next use of a candidate is its first position strictly after ``clock.now``
+(the current layer's own activations are in use and never candidates). An expert never used again
+has next use = infinity. ``victim`` = furthest next use, ties by lowest ``(layer, expert)``;
+``score(eid)`` = ``-(next use - now)`` (``-inf`` when never used again). Belady is a bound for
+demand caching with unit-size items; it ignores transfer timing, so it is a reference, not a schedule.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Iterable, Mapping, Optional, Sequence
+
+from hybrimoe_kt.core.protocols import Clock
+from hybrimoe_kt.core.types import ExpertId, LayerRouting
+
+
+def belady_uses_from_routings(
+    routings: Iterable[tuple[int, int, Iterable[int]]],
+) -> dict[ExpertId, list[int]]:
+    """Build ``uses`` from ``(position, layer, activated experts)`` records, in any order.
+
+    Returns each expert's positions sorted ascending and without duplicates.
+    """
+    acc: dict[ExpertId, set[int]] = {}
+    for position, layer, experts in routings:
+        for e in experts:
+            acc.setdefault((int(layer), int(e)), set()).add(int(position))
+    return {eid: sorted(ps) for eid, ps in sorted(acc.items())}
+
+
+class Belady:
+    """Offline optimal eviction from known future uses and a shared logical clock."""
+
+    name = "belady"
+
+    def __init__(self, uses: Mapping[ExpertId, Sequence[int]], clock: Clock,
+                 n_layers: Optional[int] = None, n_experts: Optional[int] = None) -> None:
+        if clock is None or not hasattr(clock, "now"):
+            raise ValueError("Belady needs the executor's Clock (an object with a logical .now)")
+        self.clock = clock
+        self.n_layers = n_layers
+        self.n_experts = n_experts
+        self._uses: dict[ExpertId, tuple[int, ...]] = {}
+        for eid, positions in uses.items():
+            layer, expert = int(eid[0]), int(eid[1])
+            if (n_layers is not None and not 0 <= layer < n_layers) or \
+                    (n_experts is not None and not 0 <= expert < n_experts):
+                raise ValueError(f"uses names expert {eid!r}, outside n_layers={n_layers}, n_experts={n_experts}")
+            ps = tuple(int(p) for p in positions)
+            if any(a > b for a, b in zip(ps, ps[1:])):
+                raise ValueError(f"uses[{eid!r}] must be sorted ascending, got {list(ps)[:8]}...")
+            self._uses[(layer, expert)] = ps
+
+    def next_use(self, eid: ExpertId) -> float:
+        """First position strictly after ``clock.now`` at which ``eid`` is activated; inf if none."""
+        ps = self._uses.get((eid[0], eid[1]), ())
+        i = bisect.bisect_right(ps, self.clock.now)
+        return float(ps[i]) if i < len(ps) else math.inf
+
+    def on_route(self, routing: LayerRouting) -> None:
+        """The future is known in advance; routing teaches nothing."""
+
+    def on_admit(self, eid: ExpertId) -> None:
+        """Nothing to record."""
+
+    def on_evict(self, eid: ExpertId) -> None:
+        """Nothing to record."""
+
+    def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
+        if not candidates:
+            raise ValueError("victim() needs at least one candidate")
+        return min(candidates, key=lambda eid: (-self.next_use(eid), eid[0], eid[1]))
+
+    def score(self, eid: ExpertId) -> float:
+        return -(self.next_use(eid) - self.clock.now)
