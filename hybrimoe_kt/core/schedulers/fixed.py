@@ -1,0 +1,56 @@
+"""Fixed-placement schedulers: the baselines whose split does not depend on the cost model.
+
+- ``stock``: every routed expert on the CPU (kTransformers' default placement).
+- ``static``: resident experts on the GPU, the rest on the CPU; never transfers (a static GPU cache).
+- ``offload``: every routed expert on the GPU, misses transferred first (MoE-offloading style).
+
+All three emit the canonical GPU order (residents by ready time then tokens desc, then loads in copy
+order, loads by tokens desc) and price the split with the shared evaluator in ``makespan.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Collection, Mapping
+
+from hybrimoe_kt.core.cost import CostModel
+from hybrimoe_kt.core.protocols import EMPTY_READY
+from hybrimoe_kt.core.schedulers.makespan import canonical_queue, evaluated_split
+from hybrimoe_kt.core.types import LayerRouting, Split
+
+
+class StockScheduler:
+    """All routed experts on the CPU, in routing order (tokens desc); nothing on the GPU."""
+
+    name = "stock"
+
+    def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
+             ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
+             gpu_free: float = 0.0) -> Split:
+        return evaluated_split((), tuple(routing.experts), (), routing, cost, ready, copy_free,
+                               gpu_free)
+
+
+class StaticScheduler:
+    """Resident experts on the GPU (late hits wait for their copy), the others on the CPU."""
+
+    name = "static"
+
+    def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
+             ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
+             gpu_free: float = 0.0) -> Split:
+        res, _, unc, _ = canonical_queue(routing, resident, ready)
+        return evaluated_split(tuple(res), tuple(unc), (), routing, cost, ready, copy_free, gpu_free)
+
+
+class OffloadScheduler:
+    """Every activated expert on the GPU; non-resident ones are loaded in tokens-desc order."""
+
+    name = "offload"
+
+    def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
+             ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
+             gpu_free: float = 0.0) -> Split:
+        res, _, unc, _ = canonical_queue(routing, resident, ready)
+        loads = tuple(unc)
+        return evaluated_split(tuple(res) + loads, (), loads, routing, cost, ready, copy_free,
+                               gpu_free)
