@@ -100,7 +100,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
     absent optional array; ``valid`` defaults to all True and ``layer_ids`` to 0..L-1).
     """
     w = _where(source)
-    missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
+    missing = [k for k in REQUIRED_ARRAYS if arrays.get(k) is None]
     if missing:
         raise TraceError(f"{w}missing required array(s) {', '.join(missing)} "
                          f"(required: {', '.join(REQUIRED_ARRAYS)})")
