@@ -48,6 +48,7 @@ class RooflineCost:
     extra_mem: float          # dense layers and LM head, once per forward
     extra_per_token: float
     n_extra_layers: int
+    copy_dram_share: float    # PCIe bandwidth / host DRAM bandwidth: what a busy copy takes from the CPU
     expert_bytes_cpu: int
     expert_bytes_gpu: int
 
@@ -78,6 +79,7 @@ class RooflineCost:
             extra_mem=model.extra_params() * bits_per_weight(gpu_format) / 8 / (gpu.mem_bw_gbs * 1e9),
             extra_per_token=2.0 * model.extra_params() / (gpu.tflops * 1e12),
             n_extra_layers=model.n_dense_layers,
+            copy_dram_share=min(0.9, profile.pcie.bw_gbs / cpu.mem_bw_gbs),
             expert_bytes_cpu=b_cpu,
             expert_bytes_gpu=b_gpu,
         )
@@ -85,6 +87,14 @@ class RooflineCost:
     def cpu_expert(self, n_tokens: int) -> float:
         c = n_tokens * self.cpu_per_token
         return self.cpu_fixed + (c if c > self.cpu_mem else self.cpu_mem)
+
+    def cpu_expert_contended(self, n_tokens: int, busy_copy_fraction: float) -> float:
+        """CPU expert time while the copy queue reads host memory for ``busy_copy_fraction`` of it:
+        the weight reads get the DRAM bandwidth the copy leaves (bandwidth shares add up to one)."""
+        share = self.copy_dram_share * busy_copy_fraction
+        mem = self.cpu_mem / (1.0 - share)
+        c = n_tokens * self.cpu_per_token
+        return self.cpu_fixed + (c if c > mem else mem)
 
     def gpu_expert(self, n_tokens: int) -> float:
         c = n_tokens * self.gpu_per_token

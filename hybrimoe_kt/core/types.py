@@ -58,6 +58,10 @@ class LayerRouting:
             if scores.shape != ids.shape:
                 raise ValueError(f"routing scores shape {scores.shape} != ids shape {ids.shape}")
         run = ids[:, :k]
+        if run.shape[0] == 1:  # decode fast path: one row, plain Python beats numpy here
+            row = sorted({int(x) for x in run[0].tolist() if x >= 0})
+            return LayerRouting(layer, tuple(row), (1,) * len(row), 1, bool(is_prefill),
+                                ids.astype(np.int32, copy=False), scores)
         flat = run[run >= 0]
         if flat.size:
             uniq, counts = np.unique(flat, return_counts=True)

@@ -38,13 +38,17 @@ class RoutingPredictor:
         pop = self._pop[l]
         pop *= self.decay
         idx = list(ex)
-        pop[idx] += np.asarray(tok, dtype=np.float64) / max(1, routing.n_rows)
+        rows = max(1, routing.n_rows)
+        for e, n in zip(idx, tok):
+            pop[e] += n / rows
         prev = (l - 1) % self.n_layers
         if self._prev_layer == prev and self._last[prev]:
             t = self._trans[prev]
-            src = list(self._last[prev])
-            t[src] *= self.decay
-            t[np.ix_(src, idx)] += 1.0
+            for a in self._last[prev]:
+                ta = t[a]
+                ta *= self.decay
+                for b in idx:
+                    ta[b] += 1.0
         self._last[l] = ex
         self._prev_layer = l
 

@@ -1,0 +1,149 @@
+"""Strategies: named bundles of scheduler, eviction policy, admission rule and prefetcher, as data.
+
+``STRATEGIES`` holds the specs; ``build_policies`` turns a spec into fresh policy objects for one run
+(the simulator) or one model (the runtime). What a spec needs from outside - calibration counts for the
+initial placement, the future for the clairvoyant parts - is passed in explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Mapping, Optional, Sequence, get_args
+
+import numpy as np
+
+from hybrimoe_kt.core.admission import AdmissionName, AdmissionRule, make_admission
+from hybrimoe_kt.core.eviction import EvictionName, make_policy, place_frequency, place_per_layer_quota
+from hybrimoe_kt.core.prefetch import (ImpactPrefetch, NextScorePrefetch, NoPrefetch, OraclePrefetch,
+                                       PrefetcherName, RoutingPredictor)
+from hybrimoe_kt.core.protocols import Clock, EvictionPolicy, Prefetcher, Scheduler
+from hybrimoe_kt.core.schedulers import SchedulerName, make_scheduler
+from hybrimoe_kt.core.types import ExpertId, LayerRouting
+
+StrategyName = Literal["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe",
+                       "oracle", "roofline"]
+
+
+@dataclass(frozen=True, slots=True)
+class StrategySpec:
+    name: str
+    description: str
+    scheduler: SchedulerName
+    eviction: EvictionName
+    prefetch: PrefetcherName = "none"
+    prefetch_depth: int = 1
+    admit_misses: bool = False          # copy CPU-served misses to the GPU in idle copy time
+    admission: AdmissionName = "always"  # rule for background copies (misses and prefetches)
+    placement: Literal["none", "frequency"] = "frequency"  # initial GPU experts at load time
+    pool: Literal["layer", "global"] = "layer"
+    copy_horizon_layers: float = 2.0    # background copies may book the queue this many layers ahead
+    free_transfers: bool = False        # bound only: copies take no time and no queue
+    uses_gpu_cache: bool = True
+    clairvoyant: bool = False           # needs the future (a bound, not a deployable policy)
+
+    def __post_init__(self) -> None:
+        if self.prefetch_depth < 1:
+            raise ValueError(f"strategy {self.name}: prefetch_depth must be >= 1")
+        if self.copy_horizon_layers < 0:
+            raise ValueError(f"strategy {self.name}: copy_horizon_layers must be >= 0")
+
+
+STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
+    StrategySpec("stock", "kTransformers default rules: every routed expert on the CPU kernel",
+                 "stock", "lru", placement="none", uses_gpu_cache=False),
+    StrategySpec("static-frequency", "kt-kernel experts-sched: static GPU set, global top by calibration "
+                 "frequency; misses on the CPU", "static", "static", pool="global"),
+    StrategySpec("lru-offload", "MoE-offloading style: per-layer LRU cache, every expert on the GPU, "
+                 "misses copied on demand", "offload", "lru"),
+    StrategySpec("hybrimoe-paper", "HybriMoE as published, release bugs fixed: hss scheduling, MRS "
+                 "eviction, impact-driven prefetch of the next layer", "hss", "mrs", prefetch="impact",
+                 prefetch_depth=1, copy_horizon_layers=1.0),
+    StrategySpec("hybrimoe", "the project's strategy: balanced scheduling, MRS eviction, CPU-served "
+                 "misses admitted in idle copy time when they outscore the victim, impact prefetch "
+                 "two layers ahead", "balanced", "mrs", prefetch="impact", prefetch_depth=2,
+                 admit_misses=True, admission="better-than-victim", copy_horizon_layers=2.0),
+    StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
+                 "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
+                 prefetch_depth=4, admit_misses=True, copy_horizon_layers=2.0, clairvoyant=True),
+    StrategySpec("roofline", "bandwidth roofline: Belady hit rate with free transfers, hits at GPU speed, "
+                 "misses at host-memory speed", "static", "belady", admit_misses=True,
+                 free_transfers=True, clairvoyant=True),
+)}
+assert set(STRATEGIES) == set(get_args(StrategyName))
+
+
+def get_strategy(name: str) -> StrategySpec:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    spec: StrategySpec
+    scheduler: Scheduler
+    eviction: EvictionPolicy
+    admission: AdmissionRule
+    prefetcher: Prefetcher
+    placement: tuple[ExpertId, ...]
+
+
+def slots_for(spec: StrategySpec, n_layers: int, n_experts: int, cache_ratio: float) -> int:
+    """GPU expert slots: per layer for a layer pool, in total for a global pool (0 if unused)."""
+    if not 0.0 <= cache_ratio <= 1.0:
+        raise ValueError(f"cache ratio must be in [0, 1], got {cache_ratio}")
+    if not spec.uses_gpu_cache:
+        return 0
+    per_layer = int(round(cache_ratio * n_experts))
+    return per_layer * n_layers if spec.pool == "global" else per_layer
+
+
+def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int, slots: int,
+                   clock: Clock, counts: Optional[np.ndarray] = None,
+                   uses: Optional[Mapping[ExpertId, Sequence[int]]] = None,
+                   future: Optional[Callable[[int], Optional[LayerRouting]]] = None) -> Policies:
+    """Fresh policy objects for one run.
+
+    ``counts`` [L, E]: activation counts from calibration data (never the replayed tokens), for the
+    initial placement and the static policy. ``uses``/``future``: the replayed run's future, only for
+    clairvoyant strategies.
+    """
+    if spec.clairvoyant and (uses is None or future is None):
+        raise ValueError(f"strategy {spec.name} is clairvoyant: pass the future (uses, future)")
+    if counts is None:
+        counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+    placement: tuple[ExpertId, ...] = ()
+    if spec.placement == "frequency" and slots > 0:
+        chosen = (place_frequency(counts, slots) if spec.pool == "global"
+                  else place_per_layer_quota(counts, slots))
+        placement = tuple(sorted(chosen))
+    ev = spec.eviction
+    if ev in ("lru", "lfu"):
+        eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, clock=clock)
+    elif ev == "mrs":
+        eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, top_k=top_k)
+    elif ev == "static":
+        eviction = make_policy(ev, placement=placement, counts=counts)
+    else:
+        eviction = make_policy(ev, uses=uses, clock=clock, n_layers=n_layers, n_experts=n_experts)
+    scheduler = make_scheduler(spec.scheduler)
+    prefetcher: Prefetcher
+    if spec.prefetch == "none":
+        prefetcher = NoPrefetch()
+    elif spec.prefetch == "next-score":
+        prefetcher = NextScorePrefetch(size=top_k)
+    elif spec.prefetch == "impact":
+        prefetcher = ImpactPrefetch(RoutingPredictor(n_layers, n_experts, top_k), depth=spec.prefetch_depth)
+    else:
+        assert future is not None
+        prefetcher = OraclePrefetch(future, clock, depth=spec.prefetch_depth)
+    return Policies(spec, scheduler, eviction, make_admission(spec.admission), prefetcher, placement)
+
+
+def with_overrides(spec: StrategySpec, **changes: object) -> StrategySpec:
+    """A variant of a strategy (for ablations): unknown fields raise ValueError."""
+    try:
+        return replace(spec, **changes)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ValueError(f"strategy {spec.name}: {e}") from None

@@ -1,0 +1,120 @@
+"""Run strategies over a trace at several cache ratios; one record per (strategy, cache ratio)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from hybrimoe_kt.core.cache import ExpertCache
+from hybrimoe_kt.core.cost import RooflineCost
+from hybrimoe_kt.core.hardware import HardwareProfile
+from hybrimoe_kt.core.models import ModelPreset
+from hybrimoe_kt.core.protocols import Clock
+from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for
+from hybrimoe_kt.sim.engine import RunStats, replay
+from hybrimoe_kt.sim.folds import Fold, make_folds
+from hybrimoe_kt.sim.metrics import Metrics
+from hybrimoe_kt.traces.format import Trace
+
+log = logging.getLogger(__name__)
+
+BOUNDS = ("oracle", "roofline")
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    trace: Trace
+    trace_name: str
+    model: ModelPreset
+    profile: HardwareProfile
+    cpu_format: str = "q4_k_m"
+    gpu_format: str = "int4-g128"
+    prefill_chunk: int = 512
+
+    def check(self) -> None:
+        t, m = self.trace, self.model
+        if t.n_experts != m.n_experts or t.top_k != m.top_k:
+            raise ValueError(f"trace {self.trace_name} has {t.n_experts} experts top-{t.top_k} but model "
+                             f"preset {m.name} has {m.n_experts} top-{m.top_k}: pick the matching --model")
+        if t.n_layers > m.n_moe_layers:
+            raise ValueError(f"trace {self.trace_name} has {t.n_layers} MoE layers, more than model "
+                             f"{m.name}'s {m.n_moe_layers}")
+
+    @property
+    def time_scale(self) -> float:
+        """Times are extrapolated to the model's depth when the trace recorded fewer MoE layers."""
+        return self.model.n_moe_layers / self.trace.n_layers
+
+
+def run_one(spec: StrategySpec, ratio: float, folds: Sequence[Fold], cost: RooflineCost,
+            n_layers: int, n_experts: int, top_k: int) -> RunStats:
+    total = RunStats()
+    for fold in folds:
+        clock = Clock()
+        slots = slots_for(spec, n_layers, n_experts, ratio)
+        uses = fold.uses() if spec.clairvoyant else None
+        future = fold.future if spec.clairvoyant else None
+        pol = build_policies(spec, n_layers, n_experts, top_k, slots, clock, counts=fold.counts,
+                             uses=uses, future=future)
+        cache = ExpertCache(n_layers, n_experts, slots, pol.eviction, global_pool=spec.pool == "global")
+        cache.place(pol.placement)
+        total.merge(replay(fold.steps, cost, pol, cache, clock, top_k))
+    return total
+
+
+def simulate(setup: SimSetup, strategies: Iterable[str], ratios: Iterable[float],
+             progress: bool = False, provenance: Optional[dict] = None) -> list[dict]:
+    """Records with ``strategy``, ``cache_ratio``, the Metrics fields, ``speedup_vs_stock`` and provenance.
+
+    Everything is simulated from the cost model of ``setup.profile``; records say so in ``kind``.
+    """
+    setup.check()
+    specs = [get_strategy(s) for s in strategies]
+    ratios = [float(r) for r in ratios]
+    for r in ratios:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"cache ratio {r} is outside [0, 1]")
+    t = setup.trace
+    cost = RooflineCost.build(setup.profile, setup.model, setup.cpu_format, setup.gpu_format)
+    folds = make_folds(t, setup.prefill_chunk)
+    jobs = [(s, r) for r in ratios for s in specs]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="simulate", unit="run", leave=False)
+    stock: dict[float, Metrics] = {}
+    out: list[dict] = []
+    for spec, ratio in jobs:
+        stats = run_one(spec, ratio, folds, cost, t.n_layers, t.n_experts, t.top_k)
+        m = Metrics.from_stats(stats, setup.time_scale)
+        if spec.name == "stock":
+            stock[ratio] = m
+        out.append({"strategy": spec.name, "cache_ratio": ratio, **m.as_dict(),
+                    "slots": slots_for(spec, t.n_layers, t.n_experts, ratio),
+                    "pool": spec.pool, "bound": spec.name in BOUNDS})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    base = {r: m for r, m in stock.items()}
+    for rec in out:
+        s = base.get(rec["cache_ratio"])
+        rec["speedup_vs_stock"] = (round(rec["decode_tok_s"] / s.decode_tok_s, 6)
+                                   if s and s.decode_tok_s else None)
+        rec["prefill_speedup_vs_stock"] = (round(rec["prefill_tok_s"] / s.prefill_tok_s, 6)
+                                           if s and s.prefill_tok_s else None)
+        rec.update({
+            "kind": "simulated",
+            "trace": setup.trace_name,
+            "model": setup.model.name,
+            "hardware": setup.profile.name,
+            "cpu_format": setup.cpu_format,
+            "gpu_format": setup.gpu_format,
+            "prefill_chunk": setup.prefill_chunk,
+            "folds": [f.name for f in folds],
+            "layers_simulated": t.n_layers,
+            "time_scale": round(setup.time_scale, 9),
+            **(provenance or {}),
+        })
+    return out
