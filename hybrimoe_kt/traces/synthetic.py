@@ -150,3 +150,23 @@ def synthetic_trace(model: Union[ModelPreset, str], n_requests: int = 4, prompt_
 def with_params(name: str, **changes: float) -> SyntheticParams:
     """The preset of model ``name`` with some fields changed (for calibration sweeps)."""
     return replace(params_for(get_model(name)), **changes)
+
+
+def as_batched(trace: Trace) -> Trace:
+    """The trace as a continuous-batching log: each request's prompt is one step, then step d holds
+    the d-th decode token of every request; request ids are dropped (-1), as in batched serving logs."""
+    steps: list[np.ndarray] = []
+    for s in trace.requests():
+        rows = np.flatnonzero((trace.seq_id == s) & trace.is_prefill)
+        if rows.size:
+            steps.append(rows)
+    decode = [np.flatnonzero((trace.seq_id == s) & ~trace.is_prefill) for s in trace.requests()]
+    for d in range(max((r.size for r in decode), default=0)):
+        steps.append(np.array([r[d] for r in decode if d < r.size]))
+    order = np.concatenate(steps)
+    step = np.concatenate([np.full(r.size, i, dtype=np.int32) for i, r in enumerate(steps)])
+    minus = np.full(order.size, -1, dtype=np.int32)
+    return Trace(experts=trace.experts[order], seq_id=minus, pos=minus, is_prefill=trace.is_prefill[order],
+                 metadata=trace.metadata, step=step,
+                 weights=None if trace.weights is None else trace.weights[order],
+                 valid=trace.valid[order], layer_ids=trace.layer_ids)
