@@ -1,0 +1,122 @@
+"""``hybrimoe-kt simulate``: replay a routing trace through strategies and print the comparison."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from hybrimoe_kt.core.models import MODEL_PRESETS, ModelPreset, get_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STRATEGIES = "stock,static-frequency,lru-offload,hybrimoe-paper,hybrimoe,oracle,roofline"
+REAL_MIXTRAL = "mixtral-8x7b-instruct__speculative-moe"
+
+
+def shared_traces_dir() -> Optional[Path]:
+    """``../shared/traces`` beside the repository (or the working directory), when present."""
+    from hybrimoe_kt.provenance import REPO_ROOT
+
+    for base in (REPO_ROOT, Path.cwd()):
+        d = base.parent / "shared" / "traces"
+        if d.is_dir():
+            return d
+    return None
+
+
+def default_trace() -> str:
+    d = shared_traces_dir()
+    if d is not None and (d / f"{REAL_MIXTRAL}.npz").is_file():
+        return str(d / REAL_MIXTRAL)
+    return "synthetic:mixtral-8x7b"
+
+
+def infer_model(trace_model: str, n_layers: int, n_experts: int, top_k: int) -> ModelPreset:
+    """The preset a trace belongs to: by name first, else by shape (experts, top-k, depth)."""
+    if trace_model in MODEL_PRESETS:
+        return MODEL_PRESETS[trace_model]
+    fits = [m for m in MODEL_PRESETS.values()
+            if m.n_experts == n_experts and m.top_k == top_k and m.n_moe_layers >= n_layers]
+    exact = [m for m in fits if m.n_moe_layers == n_layers]
+    pick = exact or fits
+    if len(pick) != 1:
+        raise ValueError(f"cannot tell which model preset the trace ({n_experts} experts, top-{top_k}, "
+                         f"{n_layers} layers) belongs to; pass --model (one of {', '.join(MODEL_PRESETS)})")
+    return pick[0]
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--cache-ratio takes comma-separated fractions like 0.25,0.5,0.75, got {text!r}") from None
+    if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise ValueError(f"--cache-ratio values must be fractions in [0, 1], got {text!r}")
+    return ratios
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="replay a routing trace through strategies (simulated timings)",
+                       description=__doc__)
+    p.add_argument("--trace", default=None,
+                   help="trace file (NAME.npz/.json or stem) or synthetic:PRESET; default: the real "
+                        "Mixtral trace in ../shared/traces when present, else synthetic:mixtral-8x7b")
+    p.add_argument("--model", default=None, help=f"model preset ({', '.join(MODEL_PRESETS)}); "
+                   "default: inferred from the trace")
+    p.add_argument("--hardware", default="rtx4090-ddr5", help="hardware profile preset name or JSON path")
+    p.add_argument("--cache-ratio", default="0.25,0.5,0.75", help="GPU cache sizes as fractions of the "
+                   "routed experts, comma-separated")
+    p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategy names")
+    p.add_argument("--cpu-format", default="q4_k_m", help="weight format of the CPU experts")
+    p.add_argument("--gpu-format", default="int4-g128", help="weight format of the GPU experts")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic traces")
+    p.add_argument("--json", dest="json_out", default=None, help="write the records to this JSON file")
+    p.add_argument("--plot", default=None, help="write a PNG plot of decode tok/s and hit rate")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybrimoe_kt.core.hardware import load_profile
+    from hybrimoe_kt.core.strategies import get_strategy
+    from hybrimoe_kt.provenance import provenance
+    from hybrimoe_kt.sim.report import format_table, plot
+    from hybrimoe_kt.sim.runner import SimSetup, simulate
+    from hybrimoe_kt.traces.spec import parse_trace_spec
+
+    spec = args.trace or default_trace()
+    ratios = parse_ratios(args.cache_ratio)
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for n in names:
+        get_strategy(n)  # fail on a bad name before any work
+    if "stock" not in names:
+        names.insert(0, "stock")  # speedups are relative to it
+    profile = load_profile(args.hardware)
+    trace = parse_trace_spec(spec, seed=args.seed)
+    model = get_model(args.model) if args.model else infer_model(
+        trace.model, trace.n_layers, trace.n_experts, trace.top_k)
+    trace_name = spec if spec.startswith("synthetic:") else Path(spec).name.removesuffix(".npz").removesuffix(".json")
+    setup = SimSetup(trace, trace_name, model, profile, args.cpu_format, args.gpu_format, args.prefill_chunk)
+    records = simulate(setup, names, ratios, progress=not args.no_progress,
+                       provenance=provenance(seed=args.seed, trace_spec=spec))
+    print(f"SIMULATED: trace {trace_name} ({trace.n_tokens} tokens, {trace.n_layers} MoE layers), model "
+          f"{model.name}, hardware profile {profile.name} (cost model, not a measurement)")
+    if setup.time_scale != 1.0:
+        print(f"  the trace has {trace.n_layers} of {model.n_moe_layers} MoE layers: times extrapolated "
+              f"x{setup.time_scale:.2f}")
+    print(format_table(records))
+    print("bounds: oracle = clairvoyant eviction and prefetch through the same copy queue; roofline = "
+          "Belady hit rate with free transfers")
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {out}")
+    if args.plot:
+        title = f"SIMULATED - {trace_name} - {model.name} on {profile.name}"
+        print(f"wrote {plot(records, Path(args.plot), title)}")
+    return 0
