@@ -26,7 +26,7 @@ from typing import Collection, Mapping, Sequence
 
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import EMPTY_READY
-from hybrimoe_kt.core.schedulers.costtable import CostTableCache
+from hybrimoe_kt.core.schedulers.costtable import CostTable, CostTableCache
 from hybrimoe_kt.core.schedulers.makespan import canonical_queue, ends_from_times
 from hybrimoe_kt.core.types import LayerRouting, Split
 
@@ -46,6 +46,72 @@ def _resident_prefix_ends(res: Sequence[int], res_gpu: Sequence[float], ready: M
     return ends
 
 
+def _plan_uniform(routing: LayerRouting, resident: Collection[int], table: CostTable,
+                  ready: Mapping[int, float], copy_free: float, gpu_free: float) -> Split | None:
+    """Fast path when every expert has the same token count (decode) and no resident is a late hit.
+
+    Experts are then interchangeable, and a candidate ``(k, b)`` with ``k > 0`` and ``b > 0`` is never
+    better than ``(k - 1, b - 1)`` (a resident instead of the last load: same CPU work, a GPU chain
+    that ends no later), so only ``(k, 0)`` and ``(0, b)`` are priced: exactly the prefix cuts of the
+    hss queue. Clocks are advanced with the same float operations as ``makespan.ends_from_times``, so
+    the winner's makespan is the shared evaluator's value without recomputation. Returns None (use the
+    general path) when a resident lands after the GPU could start it.
+    """
+    experts = routing.experts
+    res = [e for e in experts if e in resident]
+    unc = [e for e in experts if e not in resident]
+    start = gpu_free + table.gpu_call
+    if ready and res:
+        when = [ready.get(e, 0.0) for e in res]
+        if max(when) > start:
+            return None
+        if max(when) > 0.0:  # canonical order still sorts residents by ready time
+            order = sorted(range(len(res)), key=when.__getitem__)
+            res = [res[i] for i in order]
+    n = routing.tokens[0]
+    c = table.cpu[n] if n < table.size else table.cost.cpu_expert(n)
+    g = table.gpu[n] if n < table.size else table.cost.gpu_expert(n)
+    t = table.transfer
+    m, p = len(res), len(unc)
+    # cpu_end[i]: CPU end with i experts, summed like the evaluator (call, then one addition each).
+    cpu_end = [0.0]
+    acc = table.cpu_call
+    for _ in range(m + p):
+        acc += c
+        cpu_end.append(acc)
+    # GPU end with the first i residents (no waits: every resident is available by ``start``).
+    res_end = [0.0]
+    clock = start
+    for _ in range(m):
+        clock += g
+        res_end.append(clock)
+    # (0, b): all residents plus b loads; (k, 0) for k >= 1: m - k residents, no loads.
+    best_keep, best_b = m, 0
+    gpu_end = res_end[m]
+    best = cpu_end[p] if cpu_end[p] > gpu_end else gpu_end
+    clock = res_end[m] if m else start
+    for b in range(1, p + 1):
+        land = copy_free + b * t
+        clock = (land if land > clock else clock) + g
+        if clock >= best:
+            break
+        ce = cpu_end[p - b]
+        ms = ce if ce > clock else clock
+        if ms < best:
+            best, best_b = ms, b
+    for k in range(1, m + 1):
+        ce = cpu_end[k + p]
+        if ce >= best:
+            break
+        ge = res_end[m - k]
+        ms = ce if ce > ge else ge
+        if ms < best:
+            best, best_keep, best_b = ms, m - k, 0
+    loads = tuple(unc[:best_b])
+    return Split(tuple(res[:best_keep]) + loads, tuple(res[best_keep:]) + tuple(unc[best_b:]), loads,
+                 best)
+
+
 class BalancedScheduler:
     """Best of the ``(k, b)`` family above under the cost model; never worse than hss/static/stock/offload."""
 
@@ -58,8 +124,18 @@ class BalancedScheduler:
     def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
              ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
              gpu_free: float = 0.0) -> Split:
-        res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
         table = self._tables.get(cost)
+        tokens = routing.tokens
+        if tokens and tokens[0] == tokens[-1]:  # sorted desc: every expert has the same token count
+            split = _plan_uniform(routing, resident, table, ready, copy_free, gpu_free)
+            if split is not None:
+                return split
+        return self._plan_general(routing, resident, cost, table, ready, copy_free, gpu_free)
+
+    def _plan_general(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
+                      table: CostTable, ready: Mapping[int, float], copy_free: float,
+                      gpu_free: float) -> Split:
+        res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
         size, cpu_tab, gpu_tab = table.size, table.cpu, table.gpu
         res_cpu = [cpu_tab[n] if n < size else cost.cpu_expert(n) for n in res_n]
         res_gpu = [gpu_tab[n] if n < size else cost.gpu_expert(n) for n in res_n]

@@ -14,7 +14,8 @@ from typing import Collection, Mapping
 
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import EMPTY_READY
-from hybrimoe_kt.core.schedulers.makespan import canonical_queue, evaluated_split
+from hybrimoe_kt.core.schedulers.costtable import CostTableCache
+from hybrimoe_kt.core.schedulers.makespan import canonical_queue, prefix_split
 from hybrimoe_kt.core.types import LayerRouting, Split
 
 
@@ -23,11 +24,14 @@ class StockScheduler:
 
     name = "stock"
 
+    def __init__(self) -> None:
+        self._tables = CostTableCache()
+
     def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
              ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
              gpu_free: float = 0.0) -> Split:
-        return evaluated_split((), tuple(routing.experts), (), routing, cost, ready, copy_free,
-                               gpu_free)
+        return prefix_split((), (), routing.experts, routing.tokens, 0, 0, self._tables.get(cost),
+                            ready, copy_free, gpu_free)
 
 
 class StaticScheduler:
@@ -35,11 +39,15 @@ class StaticScheduler:
 
     name = "static"
 
+    def __init__(self) -> None:
+        self._tables = CostTableCache()
+
     def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
              ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
              gpu_free: float = 0.0) -> Split:
-        res, _, unc, _ = canonical_queue(routing, resident, ready)
-        return evaluated_split(tuple(res), tuple(unc), (), routing, cost, ready, copy_free, gpu_free)
+        res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
+        return prefix_split(res, res_n, unc, unc_n, len(res), 0, self._tables.get(cost), ready,
+                            copy_free, gpu_free)
 
 
 class OffloadScheduler:
@@ -47,10 +55,12 @@ class OffloadScheduler:
 
     name = "offload"
 
+    def __init__(self) -> None:
+        self._tables = CostTableCache()
+
     def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
              ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
              gpu_free: float = 0.0) -> Split:
-        res, _, unc, _ = canonical_queue(routing, resident, ready)
-        loads = tuple(unc)
-        return evaluated_split(tuple(res) + loads, (), loads, routing, cost, ready, copy_free,
-                               gpu_free)
+        res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
+        return prefix_split(res, res_n, unc, unc_n, len(res), len(unc), self._tables.get(cost), ready,
+                            copy_free, gpu_free)

@@ -25,7 +25,7 @@ from typing import Collection, Mapping, Sequence
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import EMPTY_READY
 from hybrimoe_kt.core.schedulers.costtable import CostTable, CostTableCache
-from hybrimoe_kt.core.schedulers.makespan import canonical_queue, evaluated_split
+from hybrimoe_kt.core.schedulers.makespan import canonical_queue, prefix_split
 from hybrimoe_kt.core.types import LayerRouting, Split
 
 
@@ -78,8 +78,8 @@ class HssScheduler:
              ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
              gpu_free: float = 0.0) -> Split:
         res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
-        cut = hss_cut(res, res_n, unc_n, self._tables.get(cost), ready, copy_free, gpu_free)
-        queue = tuple(res) + tuple(unc)
-        loads = tuple(unc[:cut - len(res)]) if cut > len(res) else ()
-        return evaluated_split(queue[:cut], queue[cut:], loads, routing, cost, ready, copy_free,
-                               gpu_free)
+        table = self._tables.get(cost)
+        cut = hss_cut(res, res_n, unc_n, table, ready, copy_free, gpu_free)
+        m = len(res)
+        keep, n_loads = (cut, 0) if cut <= m else (m, cut - m)
+        return prefix_split(res, res_n, unc, unc_n, keep, n_loads, table, ready, copy_free, gpu_free)

@@ -26,6 +26,7 @@ from typing import Collection, Mapping, Sequence
 
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import EMPTY_READY
+from hybrimoe_kt.core.schedulers.costtable import CostTable
 from hybrimoe_kt.core.types import LayerRouting, Split
 
 
@@ -126,3 +127,28 @@ def evaluated_split(gpu: tuple[int, ...], cpu: tuple[int, ...], loads: tuple[int
     """Build a Split whose ``makespan_s`` is the shared evaluator's value."""
     ms = makespan(gpu, cpu, loads, token_map(routing), cost, ready, copy_free, gpu_free)
     return Split(gpu, cpu, loads, ms)
+
+
+def prefix_split(res: Sequence[int], res_n: Sequence[int], unc: Sequence[int], unc_n: Sequence[int],
+                 keep: int, n_loads: int, table: CostTable, ready: Mapping[int, float] = EMPTY_READY,
+                 copy_free: float = 0.0, gpu_free: float = 0.0) -> Split:
+    """The Split that runs ``res[:keep]`` and loads ``unc[:n_loads]`` on the GPU, the rest on the CPU.
+
+    ``res``/``unc`` (with token counts ``res_n``/``unc_n``) are in canonical order, as returned by
+    ``canonical_queue``. Priced with ``ends_from_times`` on the tabulated times of ``table``: the same
+    values and float operations as ``makespan``, without building a token map or calling the model.
+    """
+    size, cpu_tab, gpu_tab, cost = table.size, table.cpu, table.gpu, table.cost
+    loads = tuple(unc[:n_loads])
+    gpu = tuple(res[:keep]) + loads
+    cpu = tuple(res[keep:]) + tuple(unc[n_loads:])
+    t = table.transfer
+    avail = [ready.get(e, 0.0) for e in res[:keep]] if ready else [0.0] * keep
+    avail += [copy_free + (j + 1) * t for j in range(n_loads)]
+    gpu_n = list(res_n[:keep]) + list(unc_n[:n_loads])
+    cpu_n = list(res_n[keep:]) + list(unc_n[n_loads:])
+    gpu_times = [gpu_tab[n] if n < size else cost.gpu_expert(n) for n in gpu_n]
+    cpu_times = [cpu_tab[n] if n < size else cost.cpu_expert(n) for n in cpu_n]
+    c_end, g_end = ends_from_times(avail, gpu_times, cpu_times, table.cpu_call, table.gpu_call,
+                                   gpu_free)
+    return Split(gpu, cpu, loads, c_end if c_end > g_end else g_end)
