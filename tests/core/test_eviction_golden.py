@@ -133,7 +133,8 @@ def test_mrs_every_token_counts_prefill_included() -> None:
 
 def test_belady_golden_global_pool() -> None:
     # 2 layers, 3 experts, global pool of 2, top-1. Positions = forward * 2 + layer:
-    #   f0: L0 -> 0 (pos 0), L1 -> 0 (pos 1); f1: L0 -> 1 (pos 2), L1 -> 0 (pos 3); f2: L0 -> 0 (pos 4), L1 -> 2 (pos 5)
+    #   f0: L0 -> 0 (pos 0), L1 -> 0 (pos 1); f1: L0 -> 1 (pos 2), L1 -> 0 (pos 3);
+    #   f2: L0 -> 0 (pos 4), L1 -> 2 (pos 5)
     # pos 0, 1: admit (0,0), (1,0).
     # pos 2 miss (0,1): next uses (0,0)@4, (1,0)@3 -> evict (0,0) (furthest).
     # pos 3 hit (1,0).

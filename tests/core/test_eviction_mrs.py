@@ -83,5 +83,7 @@ def test_routing_outside_the_model_is_rejected() -> None:
     pol = MRS(1, 4, top_k=1)
     with pytest.raises(ValueError, match="expert 7"):
         pol.on_route(LayerRouting.from_topk(0, np.array([[7]]), top_k=1))
+    with pytest.raises(ValueError, match="non-finite"):
+        pol.on_route(LayerRouting.from_topk(0, np.array([[1]]), np.array([[np.nan]]), top_k=1))
     with pytest.raises(ValueError, match="layer 2"):
         pol.on_route(LayerRouting.from_topk(2, np.array([[1]]), top_k=1))

@@ -75,6 +75,8 @@ class MRS:
             raise ValueError(f"routing at layer {layer} names expert {int(ids.max())}, "
                              f"but the model has {self.n_experts} experts")
         top_ids, top_scores = select_top_p(ids, routing.topk_scores, self.p)  # [N, p]
+        if not np.all(np.isfinite(top_scores)):
+            raise ValueError(f"routing at layer {layer} has non-finite scores for selected experts")
         keep = 1.0 - self.alpha
         decay = keep ** np.arange(n - 1, -1, -1, dtype=np.float64)  # [N]: (1-a)^(N-1-t)
         weights = self.alpha * top_scores * decay[:, None]  # [N, p]
