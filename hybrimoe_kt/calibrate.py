@@ -1,0 +1,236 @@
+"""Measure this machine's CPU tier with the real CPU expert kernel and write a hardware profile.
+
+CPU tier. One backend holds E BF16 experts (H x I); a call routes n tokens to the same k experts, so
+each expert serves n tokens. Per token count: calls with every expert masked give the call overhead
+C(n); real calls give T(n); the per-expert time is (T(n) - C(n)) / k. Honesty measures: the k experts
+rotate between repeats and a buffer larger than the last-level cache is streamed before every timed
+call, so weights come from DRAM as they would in a real model; each timing is the minimum of repeats
+(interference from other processes only adds time; every repeat is kept in the profile);
+one-token calls at I/2 and I/4 separate the per-expert overhead (constant) from the weight and compute
+terms (proportional to the expert size). ``calibrate_fit.fit_tier`` fits the roofline to all of them.
+
+GPU tier and PCIe link: measured with torch when CUDA is available (``calibrate_gpu``), else copied
+from a preset, and the profile says so.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hybrimoe_kt.calibrate_fit import ExpertSample, TierFit, fit_tier
+from hybrimoe_kt.core.hardware import HardwareProfile, Tier, load_profile
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+FLUSH_BYTES = 96 << 20  # streamed before every timed call: larger than the last-level cache
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrateConfig:
+    backend: str = "auto"
+    threads: int | None = None          # None: physical cores - 1
+    hidden: int = 1024
+    intermediate: int = 2048
+    experts: int = 8
+    top_k: int = 2                      # experts per timed call
+    tokens: tuple[int, ...] = DEFAULT_TOKENS
+    repeats: int = 5
+    size_fractions: tuple[int, ...] = (2, 4)  # extra one-token shapes at I/2, I/4
+    gpu_from: str = "rtx4090-ddr5"
+    name: str = "this-machine"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("hidden", "intermediate", "experts", "top_k", "repeats"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"--{f} must be >= 1, got {getattr(self, f)}")
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} must be <= experts={self.experts}; raise --experts")
+        if not self.tokens or min(self.tokens) < 1:
+            raise ValueError(f"--tokens must be positive integers like 1,2,4,8, got {self.tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class CalibrationResult:
+    profile: HardwareProfile
+    cpu_samples: list[ExpertSample]
+    cpu_fit: TierFit
+    raw: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Single-thread streaming read bandwidth (numpy sum over a buffer much larger than the caches)."""
+    buf = np.ones(nbytes // 8, dtype=np.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> tuple[str, bool | None]:
+    """(commit, dirty) of the source tree this package runs from; ("unknown", None) outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return head, bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def _stat(xs: list[float]) -> float:
+    return float(min(xs))
+
+
+def _time_calls(backend: Any, n: int, k: int, repeats: int, masked: bool, flush: np.ndarray,
+                gen: Any) -> list[float]:
+    """Seconds of ``repeats`` calls of n tokens routed to k rotating experts (one untimed warm-up)."""
+    import torch
+
+    e = backend.n_experts
+    x = torch.randn(n, backend.hidden, generator=gen).to(torch.bfloat16)  # [n, H]
+    w = torch.rand(n, k, generator=gen)                                   # [n, k]
+    out = torch.empty(n, backend.hidden, dtype=torch.bfloat16)            # [n, H]
+    backend.gpu_mask.fill_(masked)
+    times = []
+    for r in range(repeats + 1):
+        first = (r * k) % e
+        ids = ((torch.arange(k) + first) % e).repeat(n, 1).contiguous()   # [n, k]
+        flush.sum()
+        t0 = time.perf_counter()
+        backend.forward(x, ids, w, out)
+        dt = time.perf_counter() - t0
+        if r:
+            times.append(dt)
+    backend.gpu_mask.fill_(False)
+    return times
+
+
+def _weights(e: int, h: int, i: int, gen: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    gate = (torch.randn(e, i, h, generator=gen) / h**0.5).to(torch.bfloat16)  # [E, I, H]
+    up = (torch.randn(e, i, h, generator=gen) / h**0.5).to(torch.bfloat16)    # [E, I, H]
+    down = (torch.randn(e, h, i, generator=gen) / i**0.5).to(torch.bfloat16)  # [E, H, I]
+    return gate, up, down
+
+
+def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[ExpertSample],
+                                                                       list[dict[str, Any]], dict[str, Any]]:
+    """Run the sweep; returns per-expert samples, raw rows and backend facts."""
+    import torch
+    from tqdm import tqdm
+
+    from hybrimoe_kt.kernels.cpu_backend import default_threads, make_cpu_backend
+
+    threads = cfg.threads or default_threads()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    flush = np.ones(FLUSH_BYTES // 8, dtype=np.float64)
+    shapes = [cfg.intermediate] + [cfg.intermediate // d for d in cfg.size_fractions
+                                   if cfg.intermediate // d >= 32]
+    jobs = [(shapes[0], n) for n in cfg.tokens] + [(i, 1) for i in shapes[1:]]
+    samples: list[ExpertSample] = []
+    raw: list[dict[str, Any]] = []
+    facts: dict[str, Any] = {}
+    backends: dict[int, Any] = {}
+    for inter, n in tqdm(jobs, desc="calibrate cpu", unit="shape", disable=not progress):
+        if inter not in backends:
+            backends.clear()  # one set of weights at a time
+            backends[inter] = make_cpu_backend(cfg.backend, *_weights(cfg.experts, cfg.hidden, inter, gen),
+                                               threads, top_k=cfg.top_k, max_len=max(cfg.tokens))
+            facts = {"backend": backends[inter].name, "threads": threads,
+                     "variant": getattr(backends[inter], "variant", "torch")}
+        be = backends[inter]
+        calls = _time_calls(be, n, cfg.top_k, cfg.repeats, False, flush, gen)
+        empty = _time_calls(be, n, cfg.top_k, cfg.repeats, True, flush, gen)
+        per_expert = (_stat(calls) - _stat(empty)) / cfg.top_k
+        nbytes = 3 * cfg.hidden * inter * 2  # bf16
+        if per_expert > 0:
+            samples.append(ExpertSample(nbytes, 2.0 * 3 * cfg.hidden * inter, n, per_expert))
+        else:
+            log.warning("I=%d, %d token(s): call not slower than a masked call; sample dropped "
+                        "(another process is using the CPU? raise --repeats)", inter, n)
+        raw.append({"intermediate": inter, "tokens": n, "experts_per_call": cfg.top_k,
+                    "expert_bytes": nbytes, "call_s": calls, "masked_call_s": empty,
+                    "per_expert_s": per_expert})
+    return samples, raw, facts
+
+
+def run_calibration(cfg: CalibrateConfig, progress: bool = True,
+                    gpu_measure: Callable[[], tuple[Tier, Any, dict[str, Any]]] | None = None
+                    ) -> CalibrationResult:
+    """Measure the CPU tier (and the GPU when ``gpu_measure`` is given) and build the profile."""
+    samples, raw, facts = measure_cpu(cfg, progress)
+    read_bw = read_bandwidth_gbs()
+    if len(samples) < 2:
+        raise ValueError(f"only {len(samples)} usable sample(s): expert calls were not measurably "
+                         f"slower than masked calls; raise --repeats or --intermediate")
+    fit = fit_tier(samples, read_bw_gbs=read_bw)
+    one = [r for r in raw if r["intermediate"] == cfg.intermediate and r["tokens"] == min(cfg.tokens)]
+    call_overhead_us = _stat(one[0]["masked_call_s"]) * 1e6
+    cpu = Tier(mem_bw_gbs=fit.mem_bw_gbs, tflops=fit.tflops, expert_overhead_us=fit.expert_overhead_us,
+               call_overhead_us=call_overhead_us)
+    preset = load_profile(cfg.gpu_from)
+    if gpu_measure is not None:
+        gpu, pcie, gpu_raw = gpu_measure()
+        gpu_source = "measured with torch.cuda"
+    else:
+        gpu, pcie, gpu_raw = preset.gpu, preset.pcie, {}
+        gpu_source = f"copied from preset {cfg.gpu_from} (no CUDA device)"
+    commit, dirty = git_commit()
+    for row in raw:
+        b = row["expert_bytes"]
+        row["predicted_per_expert_s"] = float(fit.predict(
+            [ExpertSample(b, 2.0 * 3 * cfg.hidden * row["intermediate"], row["tokens"], 1.0)])[0])
+        row["used_in_fit"] = row["per_expert_s"] > 0
+    measured: dict[str, Any] = {
+        "backend": facts.get("backend"), "backend_variant": facts.get("variant"),
+        "threads": facts.get("threads"), "weight_format": "bf16",
+        "shape": {"experts": cfg.experts, "hidden": cfg.hidden, "intermediate": cfg.intermediate,
+                  "experts_per_call": cfg.top_k},
+        "repeats": cfg.repeats, "statistic": "min", "samples": raw,
+        "fit": {"objective": "relative least squares", "rel_rms": fit.rel_rms,
+                "mem_bw_source": fit.mem_bw_source},
+        "machine_read_bw_gbs": read_bw, "cpu_model": cpu_model(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit, "git_dirty": dirty, "gpu_source": gpu_source, "gpu": gpu_raw,
+        "layer_overhead_source": f"copied from preset {cfg.gpu_from}",
+    }
+    desc = (f"Measured by hybrimoe-kt calibrate on {measured['cpu_model']}: CPU tier from the "
+            f"{facts.get('backend')} backend ({facts.get('variant')}, {facts.get('threads')} thread(s), "
+            f"BF16 experts H={cfg.hidden} I={cfg.intermediate}); GPU tier and PCIe {gpu_source}; "
+            f"layer_overhead_us copied from preset {cfg.gpu_from}.")
+    profile = HardwareProfile(name=cfg.name, cpu=cpu, gpu=gpu, pcie=pcie,
+                              layer_overhead_us=preset.layer_overhead_us, description=desc,
+                              sources=(f"hybrimoe-kt calibrate, commit {commit}",), measured=measured)
+    # round-trip through the schema so that what is written is exactly what load_profile accepts
+    import json
+
+    profile = HardwareProfile.from_dict(json.loads(profile.to_json()), origin="calibration")
+    return CalibrationResult(profile=profile, cpu_samples=samples, cpu_fit=fit, raw=raw)
