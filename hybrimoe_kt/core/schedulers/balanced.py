@@ -10,7 +10,8 @@ Every candidate is priced under the shared rules (``makespan.py``), incrementall
 resident prefixes and the CPU suffix sums are computed once, and for each ``k`` the sweep over
 ``b = 0..|U|`` advances the GPU clock by one load at a time (O(|U|) per ``k``; it stops as soon as the
 GPU alone is slower than the best candidate, since adding loads never makes the GPU finish earlier).
-When some resident is a late hit, a second family drops residents by fewest tokens instead.
+When ready times put the residents in another order than tokens desc, a second family drops residents
+by fewest tokens instead (same sweep over ``b``).
 
 Guarantees, by construction: ``hss`` always gives the GPU a prefix of the queue ``R ++ U`` (see
 ``hss.py``), which is candidate ``(m - cut, 0)`` or ``(0, cut - m)`` of the first family, so
@@ -170,9 +171,10 @@ class BalancedScheduler:
         gpu_res = res[:best_keep]
         cpu_res = res[best_keep:]
 
-        # Family 2 (only with late hits): drop the residents with the fewest tokens first.
-        if ready and m > 1 and any(ready.get(e, 0.0) > start for e in res):
-            by_tokens = sorted(range(m), key=lambda i: (res_n[i], -ready.get(res[i], 0.0)))
+        # Family 2 (only when ready times reorder the residents): drop the fewest tokens first.
+        by_tokens = (sorted(range(m), key=lambda i: (res_n[i], -ready.get(res[i], 0.0)))
+                     if ready and m > 1 else [])
+        if by_tokens and by_tokens != list(range(m - 1, -1, -1)):
             cpu_base = 0.0
             for k in range(1, m):
                 cpu_base += res_cpu[by_tokens[k - 1]]
