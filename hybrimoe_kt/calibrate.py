@@ -108,28 +108,31 @@ def _stat(xs: list[float]) -> float:
     return float(min(xs))
 
 
-def _time_calls(backend: Any, n: int, k: int, repeats: int, masked: bool, flush: np.ndarray,
-                gen: Any) -> list[float]:
-    """Seconds of ``repeats`` calls of n tokens routed to k rotating experts (one untimed warm-up)."""
+def _time_calls(backend: Any, n: int, k: int, repeats: int, flush: np.ndarray,
+                gen: Any) -> tuple[list[float], list[float]]:
+    """Seconds of real and of fully masked calls (interleaved, so both see the same machine state) of
+    n tokens routed to k rotating experts; one untimed warm-up pair first."""
     import torch
 
     e = backend.n_experts
     x = torch.randn(n, backend.hidden, generator=gen).to(torch.bfloat16)  # [n, H]
     w = torch.rand(n, k, generator=gen)                                   # [n, k]
     out = torch.empty(n, backend.hidden, dtype=torch.bfloat16)            # [n, H]
-    backend.gpu_mask.fill_(masked)
-    times = []
+    real: list[float] = []
+    masked: list[float] = []
     for r in range(repeats + 1):
         first = (r * k) % e
         ids = ((torch.arange(k) + first) % e).repeat(n, 1).contiguous()   # [n, k]
-        flush.sum()
-        t0 = time.perf_counter()
-        backend.forward(x, ids, w, out)
-        dt = time.perf_counter() - t0
-        if r:
-            times.append(dt)
+        for is_masked, times in ((True, masked), (False, real)):
+            backend.gpu_mask.fill_(is_masked)  # in place: the backend reads it at compute time
+            flush.sum()
+            t0 = time.perf_counter()
+            backend.forward(x, ids, w, out)
+            dt = time.perf_counter() - t0
+            if r:
+                times.append(dt)
     backend.gpu_mask.fill_(False)
-    return times
+    return real, masked
 
 
 def _weights(e: int, h: int, i: int, gen: Any) -> tuple[Any, Any, Any]:
@@ -167,8 +170,7 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
             facts = {"backend": backends[inter].name, "threads": threads,
                      "variant": getattr(backends[inter], "variant", "torch")}
         be = backends[inter]
-        calls = _time_calls(be, n, cfg.top_k, cfg.repeats, False, flush, gen)
-        empty = _time_calls(be, n, cfg.top_k, cfg.repeats, True, flush, gen)
+        calls, empty = _time_calls(be, n, cfg.top_k, cfg.repeats, flush, gen)
         per_expert = (_stat(calls) - _stat(empty)) / cfg.top_k
         nbytes = 3 * cfg.hidden * inter * 2  # bf16
         if per_expert > 0:

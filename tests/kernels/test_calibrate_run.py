@@ -43,3 +43,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
     assert "raise --experts" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--tokens"):
         CalibrateConfig(tokens=())
+
+
+def test_gpu_measurement_without_cuda_is_value_error() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from hybrimoe_kt.calibrate_gpu import measure_gpu
+
+    with pytest.raises(ValueError, match="no CUDA device"):
+        measure_gpu(64, 128, (1, 2))
