@@ -71,6 +71,19 @@ class MRS:
         n = ids.shape[0]
         if n == 0:
             return
+        if n == 1 and ids.shape[1] <= self.p:  # decode fast path: every valid id is in the top-p
+            keep = 1.0 - self.alpha
+            row = self.scores[layer]
+            row *= keep
+            for e, sc in zip(ids[0].tolist(), routing.topk_scores[0].tolist()):
+                if e >= 0:
+                    if e >= self.n_experts:
+                        raise ValueError(f"routing at layer {layer} names expert {e}, "
+                                         f"but the model has {self.n_experts} experts")
+                    if not np.isfinite(sc):
+                        raise ValueError(f"routing at layer {layer} has non-finite scores for selected experts")
+                    row[e] += self.alpha * sc
+            return
         if ids.size and int(ids.max()) >= self.n_experts:
             raise ValueError(f"routing at layer {layer} names expert {int(ids.max())}, "
                              f"but the model has {self.n_experts} experts")
