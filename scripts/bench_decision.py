@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import time
@@ -47,9 +48,9 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
     return {"platform": platform.platform(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "implementation": platform.python_implementation()}
+            "python": platform.python_version(), "implementation": platform.python_implementation(),
+            "loadavg_1m": os.getloadavg()[0]}
 
 
 def summarize(ns: list[int]) -> dict[str, float]:
@@ -58,19 +59,27 @@ def summarize(ns: list[int]) -> dict[str, float]:
             "mean_us": float(a.mean()), "n": int(a.size)}
 
 
-def time_calls(fn: Callable[[int], object], n_items: int, repeats: int) -> list[int]:
-    """Per-call wall time (ns) of ``fn(i)`` for every item, ``repeats`` passes; GC off while timing."""
-    out: list[int] = []
+def time_calls(fns: dict[str, Callable[[int], object]], n_items: int,
+               repeats: int) -> dict[str, list[int]]:
+    """Per-call wall time (ns) of ``fn(i)`` for every function and item, over ``repeats`` passes.
+
+    Passes are interleaved across the functions, so load from other processes on the machine hits
+    all of them alike. GC is off while timing.
+    """
+    out: dict[str, list[int]] = {name: [] for name in fns}
     clock = time.perf_counter_ns
-    for i in range(min(n_items, 50)):  # warm up tables and caches
-        fn(i)
+    for fn in fns.values():  # warm up tables and caches
+        for i in range(min(n_items, 50)):
+            fn(i)
     gc.disable()
     try:
         for _ in range(repeats):
-            for i in range(n_items):
-                t0 = clock()
-                fn(i)
-                out.append(clock() - t0)
+            for name, fn in fns.items():
+                acc = out[name]
+                for i in range(n_items):
+                    t0 = clock()
+                    fn(i)
+                    acc.append(clock() - t0)
     finally:
         gc.enable()
     return out
@@ -98,20 +107,20 @@ def main() -> None:
     id_arrays = [rng.choice(n_exp, size=k, replace=False).astype(np.int64)[None, :]
                  for _ in range(args.routings)]
     routings = [LayerRouting.from_topk(0, ids) for ids in id_arrays]
-    results["from_topk"] = summarize(time_calls(lambda i: LayerRouting.from_topk(0, id_arrays[i]),
-                                                len(id_arrays), args.repeats))
+    results["from_topk"] = summarize(time_calls(
+        {"from_topk": lambda i: LayerRouting.from_topk(0, id_arrays[i])}, len(id_arrays),
+        args.repeats)["from_topk"])
     for frac in fractions:
         n_res = int(round(frac * n_exp))
         residents = [frozenset(int(e) for e in rng.choice(n_exp, size=n_res, replace=False))
                      for _ in routings]
+        scheds = {name: make_scheduler(name) for name in SCHEDULERS}
+        calls = {name: (lambda i, s=s_: s.plan(routings[i], residents[i], cost))
+                 for name, s_ in scheds.items()}
+        timings = time_calls(calls, len(routings), args.repeats)
         per_sched: dict[str, Any] = {}
-        for name in SCHEDULERS:
-            sched = make_scheduler(name)
-
-            def call(i: int, s=sched) -> object:
-                return s.plan(routings[i], residents[i], cost)
-
-            stats = summarize(time_calls(call, len(routings), args.repeats))
+        for name, sched in scheds.items():
+            stats = summarize(timings[name])
             splits = [sched.plan(r, res, cost) for r, res in zip(routings, residents)]
             stats["mean_makespan_us"] = float(np.mean([s.makespan_s for s in splits]) * 1e6)
             stats["mean_gpu_experts"] = float(np.mean([len(s.gpu) for s in splits]))
