@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -188,7 +189,13 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
                     gpu_measure: Callable[[], tuple[Tier, Any, dict[str, Any]]] | None = None
                     ) -> CalibrationResult:
     """Measure the CPU tier (and the GPU when ``gpu_measure`` is given) and build the profile."""
+    load_before = os.getloadavg()[0]
+    if load_before >= (os.cpu_count() or 1) * 0.5:
+        log.warning("load average %.1f on %d CPU(s): other processes compete for the CPU and inflate "
+                    "the timings; calibrate on an idle machine, or raise --repeats", load_before,
+                    os.cpu_count() or 1)
     samples, raw, facts = measure_cpu(cfg, progress)
+    load_after = os.getloadavg()[0]
     read_bw = read_bandwidth_gbs()
     if len(samples) < 2:
         raise ValueError(f"only {len(samples)} usable sample(s): expert calls were not measurably "
@@ -219,7 +226,7 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
         "repeats": cfg.repeats, "statistic": "min", "samples": raw,
         "fit": {"objective": "relative least squares", "rel_rms": fit.rel_rms,
                 "mem_bw_source": fit.mem_bw_source},
-        "machine_read_bw_gbs": read_bw, "cpu_model": cpu_model(),
+        "machine_read_bw_gbs": read_bw, "load_average_1min": [load_before, load_after], "cpu_model": cpu_model(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": dirty, "gpu_source": gpu_source, "gpu": gpu_raw,
         "layer_overhead_source": f"copied from preset {cfg.gpu_from}",
