@@ -17,8 +17,9 @@ Guarantees, by construction: ``hss`` always gives the GPU a prefix of the queue 
 ``hss.py``), which is candidate ``(m - cut, 0)`` or ``(0, cut - m)`` of the first family, so
 ``balanced`` is never worse than ``hss`` under the cost model; ``(0, 0)`` is ``static``, ``(m, 0)`` is
 ``stock`` and ``(0, |U|)`` is ``offload``, so it is never worse than those either. Ties keep the earlier
-candidate (fewer residents on the CPU, then fewer loads). The chosen split's ``makespan_s`` is recomputed
-with the shared evaluator.
+candidate (fewer residents on the CPU, then fewer loads). The chosen split's ``makespan_s`` is the shared
+evaluator's value: recomputed with ``makespan.ends_from_times`` in general, and exact by construction in
+the decode fast path (all token counts equal, no late hit), which prices only the prefix cuts.
 """
 
 from __future__ import annotations
