@@ -133,13 +133,20 @@ def make_cpu_backend(kind: str, gate: torch.Tensor, up: torch.Tensor, down: torc
     if kind in ("auto", "kt-kernel"):
         ok, detail = kt_kernel_available()
         if ok:
+            from hybrimoe_kt.kernels.cpu_ktkernel import unsupported_shape
+
+            why = unsupported_shape(gate.shape[2], gate.shape[1])
+            if why is not None:
+                ok, detail = False, f"kt-kernel cannot run this shape ({why})"
+        if ok:
             from hybrimoe_kt.kernels.cpu_ktkernel import KtKernelBackend
 
             log.info("CPU expert backend: kt-kernel (%s), %d thread(s)", detail, threads)
             return KtKernelBackend(gate, up, down, threads, top_k=top_k, max_len=max_len)
         if kind == "kt-kernel":
-            raise ValueError(f"CPU backend 'kt-kernel' is not usable: {detail}; install it with "
-                             f"'pip install --no-deps kt-kernel==0.7.2' or choose the 'torch' backend")
+            raise ValueError(f"CPU backend 'kt-kernel' is not usable: {detail}; install kt-kernel with "
+                             f"'pip install --no-deps kt-kernel==0.7.2' if it is missing, or choose the "
+                             f"'torch' backend")
         log.warning("CPU expert backend: torch fallback, because %s", detail)
     else:
         log.info("CPU expert backend: torch (requested), %d thread(s)", threads)

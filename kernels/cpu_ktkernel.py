@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 BF16_MOE_CLASSES = ("AMXBF16_MOE", "AVX2BF16_MOE")
 
 
+# Checked with kt-kernel 0.7.2 (AVX2BF16_MOE): hidden sizes that are not a multiple of 16 crash the
+# process inside the extension, so they are refused here.
+HIDDEN_MULTIPLE = 16
+
+
+def unsupported_shape(hidden: int, intermediate: int) -> str | None:
+    """Why kt-kernel cannot run this expert shape, or None when it can."""
+    if hidden % HIDDEN_MULTIPLE:
+        return f"hidden={hidden} is not a multiple of {HIDDEN_MULTIPLE}"
+    return None
+
+
 def bf16_moe_class(kx: ModuleType) -> Any | None:
     """The best BF16 MoE class the loaded extension variant offers, or None."""
     for name in BF16_MOE_CLASSES:
@@ -42,6 +54,9 @@ class KtKernelBackend:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
+        why = unsupported_shape(self.hidden, self.intermediate)
+        if why is not None:
+            raise ValueError(f"kt-kernel backend: {why}; pad the hidden size or use the 'torch' backend")
         self.top_k = self.n_experts if top_k is None else top_k
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be in 1..{self.n_experts}, got {top_k}")

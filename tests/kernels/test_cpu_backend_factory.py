@@ -49,3 +49,17 @@ def test_auto_picks_kt_kernel_when_importable(caplog: pytest.LogCaptureFixture) 
         be = make_cpu_backend("auto", *tiny_experts(), 1, top_k=2)
     assert be.name == "kt-kernel"
     assert any("kt-kernel" in r.message for r in caplog.records)
+
+
+@pytest.mark.kt_kernel
+def test_auto_falls_back_on_a_shape_kt_kernel_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
+    try:
+        import kt_kernel.kt_kernel_ext  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"kt-kernel extension not importable: {type(e).__name__}: {e}")
+    with caplog.at_level(logging.INFO, logger="hybrimoe_kt.kernels.cpu_backend"):
+        be = make_cpu_backend("auto", *tiny_experts(h=40), 1)
+    assert be.name == "torch"
+    assert any("hidden=40" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match="hidden=40"):
+        make_cpu_backend("kt-kernel", *tiny_experts(h=40), 1)
