@@ -11,7 +11,7 @@ from typing import Literal, Optional, Protocol, get_args
 from hybrimoe_kt.core.protocols import EvictionPolicy
 from hybrimoe_kt.core.types import ExpertId
 
-AdmissionName = Literal["always", "never", "better-than-victim"]
+AdmissionName = Literal["always", "never", "better-than-victim", "expected-reuse"]
 
 
 class AdmissionRule(Protocol):
@@ -35,24 +35,56 @@ class AdmitNever:
 
 
 class AdmitBetterThanVictim:
-    """Take a free slot; replace a resident only if the newcomer scores strictly higher."""
+    """Take a free slot; replace a resident only if the newcomer outscores it by more than ``margin``
+    (a copy costs PCIe time and host-memory bandwidth, so a near-tie is not worth a swap)."""
 
     name = "better-than-victim"
 
+    def __init__(self, margin: float = 0.0) -> None:
+        if margin < 0:
+            raise ValueError(f"admission margin must be >= 0, got {margin}")
+        self.margin = margin
+
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
-        return victim is None or policy.score(eid) > policy.score(victim)
+        return victim is None or policy.score(eid) > policy.score(victim) + self.margin
+
+
+class AdmitExpectedReuse:
+    """Copy only when the swap is expected to pay for itself.
+
+    With a policy whose score is a per-token activation rate (``reuse``), ``(s_new - s_victim) *
+    horizon`` is how many more GPU hits the swap should bring over a residency of ``horizon`` tokens.
+    A copy reads the expert from host memory once, as one CPU computation of it would, and saves about
+    one host-memory read per extra hit: so the swap pays when the expected extra hits exceed
+    ``threshold`` (1 = break-even on host-memory traffic). A free slot is treated as a victim of
+    score 0.
+    """
+
+    name = "expected-reuse"
+
+    def __init__(self, margin: float = 1.0, horizon: float = 32.0) -> None:
+        if margin < 0 or horizon <= 0:
+            raise ValueError(f"expected-reuse needs threshold >= 0 and horizon > 0, got {margin}, {horizon}")
+        self.threshold = margin
+        self.horizon = horizon
+
+    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
+        old = policy.score(victim) if victim is not None else 0.0
+        return (policy.score(eid) - old) * self.horizon > self.threshold
 
 
 ADMISSION_RULES: dict[str, type] = {
     "always": AdmitAlways,
     "never": AdmitNever,
     "better-than-victim": AdmitBetterThanVictim,
+    "expected-reuse": AdmitExpectedReuse,
 }
 assert set(ADMISSION_RULES) == set(get_args(AdmissionName))
 
 
-def make_admission(name: str) -> AdmissionRule:
+def make_admission(name: str, margin: float = 0.0) -> AdmissionRule:
     try:
-        return ADMISSION_RULES[name]()
+        cls = ADMISSION_RULES[name]
     except KeyError:
         raise ValueError(f"unknown admission rule {name!r}; known: {', '.join(ADMISSION_RULES)}") from None
+    return cls(margin) if cls in (AdmitBetterThanVictim, AdmitExpectedReuse) else cls()

@@ -34,6 +34,10 @@ class StrategySpec:
     prefetch_depth: int = 1
     admit_misses: bool = False          # copy CPU-served misses to the GPU in idle copy time
     admission: AdmissionName = "always"  # rule for background copies (misses and prefetches)
+    admission_margin: float = 0.0       # better-than-victim: the newcomer must outscore by this much
+    mrs_alpha: float = 0.5              # MRS update weight (the paper's default 0.5)
+    reuse_half_life: float = 32.0       # memory of the reuse-rate policy, tokens
+    background_in_prefill: bool = True  # queue background copies during prefill forwards too
     placement: Literal["none", "frequency"] = "frequency"  # initial GPU experts at load time
     pool: Literal["layer", "global"] = "layer"
     copy_horizon_layers: float = 2.0    # background copies may book the queue this many layers ahead
@@ -64,7 +68,8 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  admit_misses=True, admission="better-than-victim", copy_horizon_layers=2.0),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
-                 prefetch_depth=4, admit_misses=True, copy_horizon_layers=2.0, clairvoyant=True),
+                 prefetch_depth=4, admit_misses=True, admission="better-than-victim",
+                 copy_horizon_layers=2.0, clairvoyant=True),
     StrategySpec("roofline", "bandwidth roofline: Belady hit rate with free transfers, hits at GPU speed, "
                  "misses at host-memory speed", "static", "belady", admit_misses=True,
                  free_transfers=True, clairvoyant=True),
@@ -122,7 +127,10 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
     if ev in ("lru", "lfu"):
         eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, clock=clock)
     elif ev == "mrs":
-        eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, top_k=top_k)
+        eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, top_k=top_k,
+                               alpha=spec.mrs_alpha)
+    elif ev == "reuse":
+        eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, half_life=spec.reuse_half_life)
     elif ev == "static":
         eviction = make_policy(ev, placement=placement, counts=counts)
     else:
@@ -138,7 +146,8 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
     else:
         assert future is not None
         prefetcher = OraclePrefetch(future, clock, depth=spec.prefetch_depth)
-    return Policies(spec, scheduler, eviction, make_admission(spec.admission), prefetcher, placement)
+    admission = make_admission(spec.admission, margin=spec.admission_margin)
+    return Policies(spec, scheduler, eviction, admission, prefetcher, placement)
 
 
 def with_overrides(spec: StrategySpec, **changes: object) -> StrategySpec:

@@ -29,6 +29,7 @@ class LayerRouting:
     is_prefill: bool
     topk_ids: np.ndarray = field(repr=False)  # [N, P] int
     topk_scores: np.ndarray = field(repr=False)  # [N, P] float32
+    top_k: int = 0  # leading columns of topk_ids that ran (0: all of them)
 
     @staticmethod
     def from_topk(
@@ -61,7 +62,7 @@ class LayerRouting:
         if run.shape[0] == 1:  # decode fast path: one row, plain Python beats numpy here
             row = sorted({int(x) for x in run[0].tolist() if x >= 0})
             return LayerRouting(layer, tuple(row), (1,) * len(row), 1, bool(is_prefill),
-                                ids.astype(np.int32, copy=False), scores)
+                                ids.astype(np.int32, copy=False), scores, k)
         flat = run[run >= 0]
         if flat.size:
             uniq, counts = np.unique(flat, return_counts=True)
@@ -71,7 +72,7 @@ class LayerRouting:
         else:
             experts, tokens = (), ()
         return LayerRouting(layer, experts, tokens, int(ids.shape[0]), bool(is_prefill),
-                            ids.astype(np.int32, copy=False), scores)
+                            ids.astype(np.int32, copy=False), scores, k)
 
     @property
     def n_activated(self) -> int:

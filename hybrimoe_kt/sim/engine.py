@@ -177,7 +177,7 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
                 budget = float("inf")
             else:
                 budget = now + spec.copy_horizon_layers * ema_layer - max(copyq, now)
-            if budget >= xfer:
+            if budget >= xfer and (spec.background_in_prefill or not step.is_prefill):
                 wanted: list[ExpertId] = [(layer, e) for e in split.cpu] if spec.admit_misses else []
                 wanted += prefetcher.propose(layer, view, budget)
                 for eid in wanted:

@@ -63,14 +63,51 @@ def run_one(spec: StrategySpec, ratio: float, folds: Sequence[Fold], cost: Roofl
     return total
 
 
-def simulate(setup: SimSetup, strategies: Iterable[str], ratios: Iterable[float],
-             progress: bool = False, provenance: Optional[dict] = None) -> list[dict]:
+_JOB_CONTEXT: dict = {}
+
+
+def _run_job(job: tuple[StrategySpec, float]) -> RunStats:
+    c = _JOB_CONTEXT
+    return run_one(job[0], job[1], c["folds"], c["cost"], *c["dims"])
+
+
+def _map_jobs(jobs: list[tuple[StrategySpec, float]], workers: int, bar: object) -> list[RunStats]:
+    """Run jobs in order, in forked worker processes when ``workers`` > 1; results keep job order."""
+    if workers <= 1 or len(jobs) <= 1:
+        out = []
+        for j in jobs:
+            out.append(_run_job(j))
+            if bar is not None:
+                bar.update(1)  # type: ignore[attr-defined]
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        futures = [pool.submit(_run_job, j) for j in jobs]
+        out = []
+        for f in futures:
+            out.append(f.result())
+            if bar is not None:
+                bar.update(1)  # type: ignore[attr-defined]
+        return out
+
+
+def default_workers() -> int:
+    import os
+
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: Iterable[float],
+             progress: bool = False, provenance: Optional[dict] = None,
+             workers: Optional[int] = None) -> list[dict]:
     """Records with ``strategy``, ``cache_ratio``, the Metrics fields, ``speedup_vs_stock`` and provenance.
 
     Everything is simulated from the cost model of ``setup.profile``; records say so in ``kind``.
     """
     setup.check()
-    specs = [get_strategy(s) for s in strategies]
+    specs = [s if isinstance(s, StrategySpec) else get_strategy(s) for s in strategies]
     ratios = [float(r) for r in ratios]
     for r in ratios:
         if not 0.0 <= r <= 1.0:
@@ -83,18 +120,20 @@ def simulate(setup: SimSetup, strategies: Iterable[str], ratios: Iterable[float]
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc="simulate", unit="run", leave=False)
+    _JOB_CONTEXT.update(folds=folds, cost=cost, dims=(t.n_layers, t.n_experts, t.top_k))
+    try:
+        results = _map_jobs(jobs, workers or default_workers(), bar)
+    finally:
+        _JOB_CONTEXT.clear()
     stock: dict[float, Metrics] = {}
     out: list[dict] = []
-    for spec, ratio in jobs:
-        stats = run_one(spec, ratio, folds, cost, t.n_layers, t.n_experts, t.top_k)
+    for (spec, ratio), stats in zip(jobs, results):
         m = Metrics.from_stats(stats, setup.time_scale)
         if spec.name == "stock":
             stock[ratio] = m
         out.append({"strategy": spec.name, "cache_ratio": ratio, **m.as_dict(),
                     "slots": slots_for(spec, t.n_layers, t.n_experts, ratio),
                     "pool": spec.pool, "bound": spec.name in BOUNDS})
-        if bar is not None:
-            bar.update(1)
     if bar is not None:
         bar.close()
     base = {r: m for r, m in stock.items()}

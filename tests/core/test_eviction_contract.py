@@ -24,6 +24,7 @@ from hybrimoe_kt.core.eviction import (
     LRU,
     MRS,
     Belady,
+    ReuseRate,
     StaticPlacement,
     belady_uses_from_routings,
     place_frequency,
@@ -98,6 +99,8 @@ FACTORIES: dict[str, Callable[[Setup], tuple[object, list[ExpertId]]]] = {
     "mrs-a0.9-p1": lambda s: (MRS(s.n_layers, s.n_experts, top_k=s.top_k, alpha=0.9, p=1), []),
     "static": make_static,
     "belady": make_belady,
+    "reuse": lambda s: (ReuseRate(s.n_layers, s.n_experts), []),
+    "reuse-hl2": lambda s: (ReuseRate(s.n_layers, s.n_experts, half_life=2.0), []),
 }
 
 
@@ -252,7 +255,7 @@ def test_belady_is_optimal_for_single_expert_decode(seed: int, n_experts: int, q
     s = Setup(2, n_experts, 1, random_routings(seed, 2, n_experts, 1, n_forwards, 1, max_decode_rows=1),
               random_routings(seed + 1, 2, n_experts, 1, 4, 2), quota, False)
     misses = {}
-    for name in ("belady", "lru", "lfu", "mrs", "static"):
+    for name in ("belady", "lru", "lfu", "mrs", "static", "reuse"):
         s.clock.now = 0
         policy, placement = FACTORIES[name](s)
         cache = ExpertCache(2, n_experts, quota, policy)

@@ -9,6 +9,7 @@ accepted. Constructors:
 - ``mrs``: ``MRS(n_layers, n_experts, top_k, alpha=0.5, p=None)`` (p defaults to ``2 * top_k``)
 - ``static``: ``StaticPlacement(placement, counts, n_layers=None, n_experts=None)``
 - ``belady``: ``Belady(uses, clock, n_layers=None, n_experts=None)``
+- ``reuse``: ``ReuseRate(n_layers, n_experts, half_life=32.0)``
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from hybrimoe_kt.core.eviction.placement import (
     place_per_layer_quota,
     place_uniform,
 )
+from hybrimoe_kt.core.eviction.reuse import ReuseRate
 from hybrimoe_kt.core.eviction.static import StaticPlacement
 from hybrimoe_kt.core.protocols import EvictionPolicy
 
-EvictionName = Literal["lru", "lfu", "mrs", "static", "belady"]
+EvictionName = Literal["lru", "lfu", "mrs", "static", "belady", "reuse"]
 
 EVICTION_POLICIES: dict[str, type] = {
     "lru": LRU,
@@ -37,6 +39,7 @@ EVICTION_POLICIES: dict[str, type] = {
     "mrs": MRS,
     "static": StaticPlacement,
     "belady": Belady,
+    "reuse": ReuseRate,
 }
 assert set(EVICTION_POLICIES) == set(get_args(EvictionName))
 assert all(cls.name == key for key, cls in EVICTION_POLICIES.items())
@@ -69,7 +72,7 @@ def _lookup(name: str) -> type:
 
 
 __all__ = [
-    "EVICTION_POLICIES", "Belady", "EvictionName", "LFU", "LRU", "MRS", "StaticPlacement",
+    "EVICTION_POLICIES", "Belady", "EvictionName", "LFU", "LRU", "MRS", "ReuseRate", "StaticPlacement",
     "belady_uses_from_routings", "make_policy", "place_front_loading", "place_frequency",
     "place_per_layer_quota", "place_uniform", "policy_kwargs",
 ]
