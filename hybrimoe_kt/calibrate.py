@@ -1,13 +1,17 @@
 """Measure this machine's CPU tier with the real CPU expert kernel and write a hardware profile.
 
 CPU tier. One backend holds E BF16 experts (H x I); a call routes n tokens to the same k experts, so
-each expert serves n tokens. Per token count: calls with every expert masked give the call overhead
-C(n); real calls give T(n); the per-expert time is (T(n) - C(n)) / k. Honesty measures: the k experts
-rotate between repeats and a buffer larger than the last-level cache is streamed before every timed
-call, so weights come from DRAM as they would in a real model; each timing is the minimum of repeats
-(interference from other processes only adds time; every repeat is kept in the profile);
-one-token calls at I/2 and I/4 separate the per-expert overhead (constant) from the weight and compute
-terms (proportional to the expert size). ``calibrate_fit.fit_tier`` fits the roofline to all of them.
+each expert serves n tokens. Calls with every expert masked give the call overhead C (the smallest over
+the sweep); real calls give T(n); the per-expert time is (T(n) - C) / k.
+
+Honesty measures: the k experts rotate between repeats over a layer of at least ``rotate_mib`` of
+weights (more experts for smaller shapes), so an expert's weights have left the last-level cache before
+it runs again and come from DRAM as in a real model (streaming a flush buffer between calls instead
+slowed the next call down beyond the cache effect); masked and real calls alternate so both see the
+same machine state; each timing is the minimum of repeats (other processes only add time; every repeat
+is kept in the profile); one-token calls at I/2 and I/4 separate the per-expert overhead (constant)
+from the weight and compute terms (proportional to the expert size). ``calibrate_fit.fit_tier`` fits
+the roofline to all samples and the command prints each sample's prediction error.
 
 GPU tier and PCIe link: measured with torch when CUDA is available (``calibrate_gpu``), else copied
 from a preset, and the profile says so.
@@ -33,7 +37,6 @@ from hybrimoe_kt.core.hardware import HardwareProfile, Tier, load_profile
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
-FLUSH_BYTES = 96 << 20  # streamed before every timed call: larger than the last-level cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +53,10 @@ class CalibrateConfig:
     gpu_from: str = "rtx4090-ddr5"
     name: str = "this-machine"
     seed: int = 0
+    rotate_mib: int = 128               # weights cycled through per shape: several times the LLC
 
     def __post_init__(self) -> None:
-        for f in ("hidden", "intermediate", "experts", "top_k", "repeats"):
+        for f in ("hidden", "intermediate", "experts", "top_k", "repeats", "rotate_mib"):
             if getattr(self, f) < 1:
                 raise ValueError(f"--{f} must be >= 1, got {getattr(self, f)}")
         if self.top_k > self.experts:
@@ -109,8 +113,7 @@ def _stat(xs: list[float]) -> float:
     return float(min(xs))
 
 
-def _time_calls(backend: Any, n: int, k: int, repeats: int, flush: np.ndarray,
-                gen: Any) -> tuple[list[float], list[float]]:
+def _time_calls(backend: Any, n: int, k: int, repeats: int, gen: Any) -> tuple[list[float], list[float]]:
     """Seconds of real and of fully masked calls (interleaved, so both see the same machine state) of
     n tokens routed to k rotating experts; one untimed warm-up pair first."""
     import torch
@@ -126,7 +129,6 @@ def _time_calls(backend: Any, n: int, k: int, repeats: int, flush: np.ndarray,
         ids = ((torch.arange(k) + first) % e).repeat(n, 1).contiguous()   # [n, k]
         for is_masked, times in ((True, masked), (False, real)):
             backend.gpu_mask.fill_(is_masked)  # in place: the backend reads it at compute time
-            flush.sum()
             t0 = time.perf_counter()
             backend.forward(x, ids, w, out)
             dt = time.perf_counter() - t0
@@ -155,33 +157,40 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
 
     threads = cfg.threads or default_threads()
     gen = torch.Generator().manual_seed(cfg.seed)
-    flush = np.ones(FLUSH_BYTES // 8, dtype=np.float64)
     shapes = [cfg.intermediate] + [cfg.intermediate // d for d in cfg.size_fractions
                                    if cfg.intermediate // d >= 32]
     jobs = [(shapes[0], n) for n in cfg.tokens] + [(i, 1) for i in shapes[1:]]
-    samples: list[ExpertSample] = []
     raw: list[dict[str, Any]] = []
     facts: dict[str, Any] = {}
     backends: dict[int, Any] = {}
     for inter, n in tqdm(jobs, desc="calibrate cpu", unit="shape", disable=not progress):
         if inter not in backends:
             backends.clear()  # one set of weights at a time
-            backends[inter] = make_cpu_backend(cfg.backend, *_weights(cfg.experts, cfg.hidden, inter, gen),
+            n_exp = max(cfg.experts, -(-(cfg.rotate_mib << 20) // (3 * cfg.hidden * inter * 2)))
+            backends[inter] = make_cpu_backend(cfg.backend, *_weights(n_exp, cfg.hidden, inter, gen),
                                                threads, top_k=cfg.top_k, max_len=max(cfg.tokens))
             facts = {"backend": backends[inter].name, "threads": threads,
                      "variant": getattr(backends[inter], "variant", "torch")}
         be = backends[inter]
-        calls, empty = _time_calls(be, n, cfg.top_k, cfg.repeats, flush, gen)
-        per_expert = (_stat(calls) - _stat(empty)) / cfg.top_k
-        nbytes = 3 * cfg.hidden * inter * 2  # bf16
+        calls, empty = _time_calls(be, n, cfg.top_k, cfg.repeats, gen)
+        raw.append({"intermediate": inter, "tokens": n, "experts_per_call": cfg.top_k,
+                    "experts_in_layer": be.n_experts, "expert_bytes": 3 * cfg.hidden * inter * 2,
+                    "call_s": calls, "masked_call_s": empty})
+    # The masked-call time does not depend on the token count or shape on an idle machine; on a busy
+    # one single masked calls can take a scheduler tick. The smallest masked call over the whole sweep
+    # is the call overhead subtracted everywhere.
+    overhead = min(min(r["masked_call_s"]) for r in raw)
+    facts["call_overhead_s"] = overhead
+    samples: list[ExpertSample] = []
+    for r in raw:
+        r["per_expert_s"] = per_expert = (_stat(r["call_s"]) - overhead) / cfg.top_k
         if per_expert > 0:
-            samples.append(ExpertSample(nbytes, 2.0 * 3 * cfg.hidden * inter, n, per_expert))
+            samples.append(ExpertSample(r["expert_bytes"], 2.0 * 3 * cfg.hidden * r["intermediate"],
+                                        r["tokens"], per_expert))
         else:
             log.warning("I=%d, %d token(s): call not slower than a masked call; sample dropped "
-                        "(another process is using the CPU? raise --repeats)", inter, n)
-        raw.append({"intermediate": inter, "tokens": n, "experts_per_call": cfg.top_k,
-                    "expert_bytes": nbytes, "call_s": calls, "masked_call_s": empty,
-                    "per_expert_s": per_expert})
+                        "(another process is using the CPU? raise --repeats)", r["intermediate"],
+                        r["tokens"])
     return samples, raw, facts
 
 
@@ -201,8 +210,10 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
         raise ValueError(f"only {len(samples)} usable sample(s): expert calls were not measurably "
                          f"slower than masked calls; raise --repeats or --intermediate")
     fit = fit_tier(samples, read_bw_gbs=read_bw)
-    one = [r for r in raw if r["intermediate"] == cfg.intermediate and r["tokens"] == min(cfg.tokens)]
-    call_overhead_us = _stat(one[0]["masked_call_s"]) * 1e6
+    if fit.rel_rms > 0.25:
+        log.warning("the roofline fits the samples poorly (relative RMS error %.0f%%); see the table",
+                    100 * fit.rel_rms)
+    call_overhead_us = facts["call_overhead_s"] * 1e6
     cpu = Tier(mem_bw_gbs=fit.mem_bw_gbs, tflops=fit.tflops, expert_overhead_us=fit.expert_overhead_us,
                call_overhead_us=call_overhead_us)
     preset = load_profile(cfg.gpu_from)
@@ -223,7 +234,7 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
         "threads": facts.get("threads"), "weight_format": "bf16",
         "shape": {"experts": cfg.experts, "hidden": cfg.hidden, "intermediate": cfg.intermediate,
                   "experts_per_call": cfg.top_k},
-        "repeats": cfg.repeats, "statistic": "min", "samples": raw,
+        "repeats": cfg.repeats, "statistic": "min", "rotate_mib": cfg.rotate_mib, "samples": raw,
         "fit": {"objective": "relative least squares", "rel_rms": fit.rel_rms,
                 "mem_bw_source": fit.mem_bw_source},
         "machine_read_bw_gbs": read_bw, "load_average_1min": [load_before, load_after], "cpu_model": cpu_model(),

@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tokens", type=_tokens, default=(1, 2, 4, 8, 16, 32, 64, 128),
                    help="token counts per expert to sweep (default 1,2,4,8,16,32,64,128)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per point (the minimum is used)")
+    p.add_argument("--rotate-mib", type=int, default=128,
+                   help="weights cycled through per shape so experts come from DRAM (default 128, "
+                        "several times the last-level cache)")
     p.add_argument("--gpu-from", default="rtx4090-ddr5", choices=PRESET_NAMES,
                    help="preset for the GPU tier and PCIe link when no CUDA device is present")
     p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = CalibrateConfig(backend=args.backend, threads=args.threads, hidden=args.hidden,
                           intermediate=args.intermediate, experts=args.experts, top_k=args.top_k,
                           tokens=tuple(args.tokens), repeats=args.repeats, gpu_from=args.gpu_from,
+                          rotate_mib=args.rotate_mib,
                           name=args.name or args.out.stem)
     gpu_measure = None
     import torch

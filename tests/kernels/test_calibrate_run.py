@@ -21,7 +21,7 @@ def test_quick_calibration_writes_loadable_profile(tmp_path: Path, backend: str,
     out = tmp_path / "prof.json"
     rc = main(["calibrate", "--backend", backend, "--threads", "1", "--hidden", "512",
                "--intermediate", "1024", "--experts", "4", "--tokens", "1,8", "--repeats",
-               str(repeats), "--no-progress", "--out", str(out)])
+               str(repeats), "--rotate-mib", "16", "--no-progress", "--out", str(out)])
     assert rc == 0
     prof = load_profile(out)
     assert prof.name == "prof"
