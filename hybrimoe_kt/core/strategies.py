@@ -134,7 +134,9 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
     elif ev == "static":
         eviction = make_policy(ev, placement=placement, counts=counts)
     else:
-        eviction = make_policy(ev, uses=uses, clock=clock, n_layers=n_layers, n_experts=n_experts)
+        horizon = int(spec.reuse_half_life) if spec.admission == "expected-reuse" else None
+        eviction = make_policy(ev, uses=uses, clock=clock, n_layers=n_layers, n_experts=n_experts,
+                               rate_horizon=horizon)
     scheduler = make_scheduler(spec.scheduler)
     prefetcher: Prefetcher
     if spec.prefetch == "none":

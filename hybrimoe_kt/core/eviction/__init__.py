@@ -8,7 +8,7 @@ accepted. Constructors:
 - ``lfu``: ``LFU(n_layers, n_experts, clock=None)``
 - ``mrs``: ``MRS(n_layers, n_experts, top_k, alpha=0.5, p=None)`` (p defaults to ``2 * top_k``)
 - ``static``: ``StaticPlacement(placement, counts, n_layers=None, n_experts=None)``
-- ``belady``: ``Belady(uses, clock, n_layers=None, n_experts=None)``
+- ``belady``: ``Belady(uses, clock, n_layers=None, n_experts=None, rate_horizon=None)``
 - ``reuse``: ``ReuseRate(n_layers, n_experts, half_life=32.0)``
 """
 

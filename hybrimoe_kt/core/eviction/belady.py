@@ -5,7 +5,9 @@ expert is activated, with position = ``forward_index * n_layers + layer`` (the `
 At a decision, the next use of a candidate is its first position strictly after ``clock.now``
 (the current layer's own activations are in use and never candidates). An expert never used again
 has next use = infinity. ``victim`` = furthest next use, ties by lowest ``(layer, expert)``;
-``score(eid)`` = ``-(next use - now)`` (``-inf`` when never used again). Belady is a bound for
+``score(eid)`` = ``-(next use - now)`` (``-inf`` when never used again). With ``rate_horizon`` (forwards)
+the score is instead the exact activation rate over the next ``rate_horizon`` forwards, on the scale of
+the ``reuse`` policy, so that the ``expected-reuse`` admission rule can be given the true future. Belady is a bound for
 demand caching with unit-size items; it ignores transfer timing, so it is a reference, not a schedule.
 """
 
@@ -39,9 +41,13 @@ class Belady:
     name = "belady"
 
     def __init__(self, uses: Mapping[ExpertId, Sequence[int]], clock: Clock,
-                 n_layers: Optional[int] = None, n_experts: Optional[int] = None) -> None:
+                 n_layers: Optional[int] = None, n_experts: Optional[int] = None,
+                 rate_horizon: Optional[int] = None) -> None:
         if clock is None or not hasattr(clock, "now"):
             raise ValueError("Belady needs the executor's Clock (an object with a logical .now)")
+        if rate_horizon is not None and (rate_horizon < 1 or n_layers is None):
+            raise ValueError("rate_horizon must be >= 1 forwards and needs n_layers")
+        self.rate_horizon = rate_horizon
         self.clock = clock
         self.n_layers = n_layers
         self.n_experts = n_experts
@@ -77,4 +83,10 @@ class Belady:
         return min(candidates, key=lambda eid: (-self.next_use(eid), eid[0], eid[1]))
 
     def score(self, eid: ExpertId) -> float:
-        return -(self.next_use(eid) - self.clock.now)
+        if self.rate_horizon is None:
+            return -(self.next_use(eid) - self.clock.now)
+        ps = self._uses.get((eid[0], eid[1]), ())
+        now = self.clock.now
+        assert self.n_layers is not None
+        end = now + self.rate_horizon * self.n_layers
+        return (bisect.bisect_right(ps, end) - bisect.bisect_right(ps, now)) / self.rate_horizon
