@@ -70,9 +70,10 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="better-than-victim",
                  copy_horizon_layers=2.0, clairvoyant=True),
-    StrategySpec("roofline", "bandwidth roofline: Belady hit rate with free transfers, hits at GPU speed, "
-                 "misses at host-memory speed", "static", "belady", admit_misses=True,
-                 free_transfers=True, clairvoyant=True),
+    StrategySpec("roofline", "bandwidth roofline: Belady hit rate over one global pool with free "
+                 "transfers, each layer split at its best between the tiers (a fixed hits-on-GPU split "
+                 "or per-layer quotas would not bound the deployable strategies)", "balanced", "belady",
+                 admit_misses=True, free_transfers=True, pool="global", clairvoyant=True),
 )}
 assert set(STRATEGIES) == set(get_args(StrategyName))
 
