@@ -1,6 +1,6 @@
 """Measure this machine's CPU tier with the real CPU expert kernel and write a hardware profile.
 
-CPU tier. One backend holds E BF16 experts (H x I); a call routes n tokens to the same k experts, so
+CPU tier. A backend holds E BF16 experts (H x I); a call routes n tokens to the same k experts, so
 each expert serves n tokens. Calls with every expert masked give the call overhead C (the smallest over
 the sweep); real calls give T(n); the per-expert time is (T(n) - C) / k.
 
@@ -8,8 +8,8 @@ Honesty measures: the k experts rotate between repeats over a layer of at least 
 weights (more experts for smaller shapes), so an expert's weights have left the last-level cache before
 it runs again and come from DRAM as in a real model (streaming a flush buffer between calls instead
 slowed the next call down beyond the cache effect); masked and real calls alternate so both see the
-same machine state; each timing is the minimum of repeats (other processes only add time; every repeat
-is kept in the profile); one-token calls at I/2 and I/4 separate the per-expert overhead (constant)
+same machine state, and all points are timed round robin; each timing is the minimum of repeats (other
+processes only add time; every repeat is kept in the profile); one-token calls at I/2 and I/4 separate the per-expert overhead (constant)
 from the weight and compute terms (proportional to the expert size). ``calibrate_fit.fit_tier`` fits
 the roofline to all samples and the command prints each sample's prediction error.
 
@@ -113,29 +113,37 @@ def _stat(xs: list[float]) -> float:
     return float(min(xs))
 
 
-def _time_calls(backend: Any, n: int, k: int, repeats: int, gen: Any) -> tuple[list[float], list[float]]:
-    """Seconds of real and of fully masked calls (interleaved, so both see the same machine state) of
-    n tokens routed to k rotating experts; one untimed warm-up pair first."""
+def _time_sweep(points: list[tuple[Any, int]], k: int, repeats: int, gen: Any,
+                bar: Any) -> list[tuple[list[float], list[float]]]:
+    """Seconds of real and of fully masked calls for each (backend, n tokens) point, n tokens routed
+    to k experts that rotate over the backend's layer.
+
+    Round robin: every round times each point once (a masked call right before its real call, so
+    both see the same machine state); a burst of load from other processes then hits one round of
+    every point instead of all repeats of one point. Round 0 is an untimed warm-up.
+    """
     import torch
 
-    e = backend.n_experts
-    x = torch.randn(n, backend.hidden, generator=gen).to(torch.bfloat16)  # [n, H]
-    w = torch.rand(n, k, generator=gen)                                   # [n, k]
-    out = torch.empty(n, backend.hidden, dtype=torch.bfloat16)            # [n, H]
-    real: list[float] = []
-    masked: list[float] = []
+    inputs = [(torch.randn(n, be.hidden, generator=gen).to(torch.bfloat16),  # [n, H]
+               torch.rand(n, k, generator=gen),                               # [n, k]
+               torch.empty(n, be.hidden, dtype=torch.bfloat16))               # [n, H]
+              for be, n in points]
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in points]
+    calls = [0] * len(points)
     for r in range(repeats + 1):
-        first = (r * k) % e
-        ids = ((torch.arange(k) + first) % e).repeat(n, 1).contiguous()   # [n, k]
-        for is_masked, times in ((True, masked), (False, real)):
-            backend.gpu_mask.fill_(is_masked)  # in place: the backend reads it at compute time
-            t0 = time.perf_counter()
-            backend.forward(x, ids, w, out)
-            dt = time.perf_counter() - t0
-            if r:
-                times.append(dt)
-    backend.gpu_mask.fill_(False)
-    return real, masked
+        for p, ((be, n), (x, w, out)) in enumerate(zip(points, inputs)):
+            ids = ((torch.arange(k) + calls[p] * k) % be.n_experts).repeat(n, 1).contiguous()  # [n, k]
+            calls[p] += 1
+            for is_masked, dest in ((True, times[p][1]), (False, times[p][0])):
+                be.gpu_mask.fill_(is_masked)  # in place: the backend reads it at compute time
+                t0 = time.perf_counter()
+                be.forward(x, ids, w, out)
+                dt = time.perf_counter() - t0
+                if r:
+                    dest.append(dt)
+            be.gpu_mask.fill_(False)
+            bar.update(1)
+    return times
 
 
 def _weights(e: int, h: int, i: int, gen: Any) -> tuple[Any, Any, Any]:
@@ -159,23 +167,24 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
     gen = torch.Generator().manual_seed(cfg.seed)
     shapes = [cfg.intermediate] + [cfg.intermediate // d for d in cfg.size_fractions
                                    if cfg.intermediate // d >= 32]
-    jobs = [(shapes[0], n) for n in cfg.tokens] + [(i, 1) for i in shapes[1:]]
-    raw: list[dict[str, Any]] = []
-    facts: dict[str, Any] = {}
     backends: dict[int, Any] = {}
-    for inter, n in tqdm(jobs, desc="calibrate cpu", unit="shape", disable=not progress):
-        if inter not in backends:
-            backends.clear()  # one set of weights at a time
-            n_exp = max(cfg.experts, -(-(cfg.rotate_mib << 20) // (3 * cfg.hidden * inter * 2)))
-            backends[inter] = make_cpu_backend(cfg.backend, *_weights(n_exp, cfg.hidden, inter, gen),
-                                               threads, top_k=cfg.top_k, max_len=max(cfg.tokens))
-            facts = {"backend": backends[inter].name, "threads": threads,
-                     "variant": getattr(backends[inter], "variant", "torch")}
-        be = backends[inter]
-        calls, empty = _time_calls(be, n, cfg.top_k, cfg.repeats, gen)
-        raw.append({"intermediate": inter, "tokens": n, "experts_per_call": cfg.top_k,
-                    "experts_in_layer": be.n_experts, "expert_bytes": 3 * cfg.hidden * inter * 2,
+    for inter in shapes:
+        n_exp = max(cfg.experts, -(-(cfg.rotate_mib << 20) // (3 * cfg.hidden * inter * 2)))
+        backends[inter] = make_cpu_backend(cfg.backend, *_weights(n_exp, cfg.hidden, inter, gen),
+                                           threads, top_k=cfg.top_k, max_len=max(cfg.tokens))
+    be0 = backends[shapes[0]]
+    facts: dict[str, Any] = {"backend": be0.name, "threads": threads,
+                             "variant": getattr(be0, "variant", "torch")}
+    points = [(be0, n) for n in cfg.tokens] + [(backends[i], 1) for i in shapes[1:]]
+    with tqdm(total=len(points) * (cfg.repeats + 1), desc="calibrate cpu", unit="call",
+              disable=not progress) as bar:
+        times = _time_sweep(points, cfg.top_k, cfg.repeats, gen, bar)
+    raw: list[dict[str, Any]] = []
+    for (be, n), (calls, empty) in zip(points, times):
+        raw.append({"intermediate": be.intermediate, "tokens": n, "experts_per_call": cfg.top_k,
+                    "experts_in_layer": be.n_experts, "expert_bytes": 3 * cfg.hidden * be.intermediate * 2,
                     "call_s": calls, "masked_call_s": empty})
+    backends.clear()
     # The masked-call time does not depend on the token count or shape on an idle machine; on a busy
     # one single masked calls can take a scheduler tick. The smallest masked call over the whole sweep
     # is the call overhead subtracted everywhere.
