@@ -9,8 +9,9 @@ weights (more experts for smaller shapes), so an expert's weights have left the 
 it runs again and come from DRAM as in a real model (streaming a flush buffer between calls instead
 slowed the next call down beyond the cache effect); masked and real calls alternate so both see the
 same machine state, and all points are timed round robin; each timing is the minimum of repeats (other
-processes only add time; every repeat is kept in the profile); one-token calls at I/2 and I/4 separate the per-expert overhead (constant)
-from the weight and compute terms (proportional to the expert size). ``calibrate_fit.fit_tier`` fits
+processes only add time; every repeat is kept in the profile); one-token calls at I/2 and I/4
+separate the per-expert overhead (constant) from the weight and compute terms (proportional to the
+expert size). ``calibrate_fit.fit_tier`` fits
 the roofline to all samples and the command prints each sample's prediction error.
 
 GPU tier and PCIe link: measured with torch when CUDA is available (``calibrate_gpu``), else copied
@@ -182,7 +183,8 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
     raw: list[dict[str, Any]] = []
     for (be, n), (calls, empty) in zip(points, times):
         raw.append({"intermediate": be.intermediate, "tokens": n, "experts_per_call": cfg.top_k,
-                    "experts_in_layer": be.n_experts, "expert_bytes": 3 * cfg.hidden * be.intermediate * 2,
+                    "experts_in_layer": be.n_experts,
+                    "expert_bytes": 3 * cfg.hidden * be.intermediate * 2,  # bf16
                     "call_s": calls, "masked_call_s": empty})
     backends.clear()
     # The masked-call time does not depend on the token count or shape on an idle machine; on a busy
@@ -246,7 +248,8 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
         "repeats": cfg.repeats, "statistic": "min", "rotate_mib": cfg.rotate_mib, "samples": raw,
         "fit": {"objective": "relative least squares", "rel_rms": fit.rel_rms,
                 "mem_bw_source": fit.mem_bw_source},
-        "machine_read_bw_gbs": read_bw, "load_average_1min": [load_before, load_after], "cpu_model": cpu_model(),
+        "machine_read_bw_gbs": read_bw, "load_average_1min": [load_before, load_after],
+        "cpu_model": cpu_model(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": dirty, "gpu_source": gpu_source, "gpu": gpu_raw,
         "layer_overhead_source": f"copied from preset {cfg.gpu_from}",

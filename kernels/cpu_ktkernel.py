@@ -66,7 +66,8 @@ class KtKernelBackend:
         cls = bf16_moe_class(kx)
         if cls is None:
             raise ValueError("kt_kernel.kt_kernel_ext has no BF16 MoE class; use the 'torch' backend")
-        self.variant = f"{getattr(importlib.import_module('kt_kernel'), '__cpu_variant__', '?')}/{cls.__name__}"
+        isa = getattr(importlib.import_module("kt_kernel"), "__cpu_variant__", "?")
+        self.variant = f"{isa}/{cls.__name__}"
         # Referenced for the whole life of the extension objects: the extension keeps their addresses.
         self._gate = gate.contiguous()      # [E, I, H]
         self._up = up.contiguous()          # [E, I, H]

@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     args.out.write_text(res.profile.to_json())
     m = res.profile.measured
     print(f"CPU samples ({m['backend']} {m['backend_variant']}, {m['threads']} thread(s), min of "
-          f"{cfg.repeats}; per-expert time = (call - masked call) / {cfg.top_k}):")
-    print(f"{'I':>6} {'tokens':>6} {'call ms':>9} {'masked ms':>9} {'expert ms':>9} {'model ms':>9} {'err':>7}")
+          f"{cfg.repeats}; per-expert time = (call - call overhead) / {cfg.top_k}; "
+          f"call overhead = smallest masked call):")
+    print(f"{'I':>6} {'tokens':>6} {'call ms':>9} {'masked ms':>9} {'expert ms':>9} {'model ms':>9} "
+          f"{'err':>7}")
     for row in res.raw:
         meas, pred = row["per_expert_s"], row["predicted_per_expert_s"]
         call, masked = min(row["call_s"]), min(row["masked_call_s"])
