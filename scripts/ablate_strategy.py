@@ -20,6 +20,15 @@ from hybrimoe_kt.sim.runner import SimSetup, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec
 
 VARIANTS = {
+    "A-nobgpre": dict(background_in_prefill=False),
+    "B-reuse-h4-nobgpre": dict(eviction="reuse", admission="expected-reuse", admission_margin=1.0,
+                               copy_horizon_layers=4.0, background_in_prefill=False),
+    "C-mrs-xr": dict(admission="expected-reuse", admission_margin=1.0, background_in_prefill=False),
+    "D-mrs-xr-h4": dict(admission="expected-reuse", admission_margin=1.0, copy_horizon_layers=4.0,
+                        background_in_prefill=False),
+    "E-mrs-xr-m0.5": dict(admission="expected-reuse", admission_margin=0.5, background_in_prefill=False),
+    "F-mrs-xr-d1": dict(admission="expected-reuse", admission_margin=1.0, prefetch_depth=1,
+                        background_in_prefill=False),
     "reuse": dict(eviction="reuse", admission="expected-reuse", admission_margin=1.0),
     "reuse-m0.5": dict(eviction="reuse", admission="expected-reuse", admission_margin=0.5),
     "reuse-m2": dict(eviction="reuse", admission="expected-reuse", admission_margin=2.0),

@@ -6,35 +6,43 @@ governs background copies: CPU-served misses copied after the fact, and prefetch
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Protocol, get_args
+from typing import Any, Literal, Optional, Protocol, get_args
 
 from hybrimoe_kt.core.protocols import EvictionPolicy
-from hybrimoe_kt.core.types import ExpertId
+from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
 AdmissionName = Literal["always", "never", "better-than-victim", "expected-reuse"]
 
 
 class AdmissionRule(Protocol):
+    """``observe`` sees every layer's routing (before the plan); ``admit`` decides one copy."""
+
     name: str
 
+    def observe(self, routing: LayerRouting) -> None: ...
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool: ...
 
 
-class AdmitAlways:
+class _Stateless:
+    def observe(self, routing: LayerRouting) -> None:
+        pass
+
+
+class AdmitAlways(_Stateless):
     name = "always"
 
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
         return True
 
 
-class AdmitNever:
+class AdmitNever(_Stateless):
     name = "never"
 
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
         return False
 
 
-class AdmitBetterThanVictim:
+class AdmitBetterThanVictim(_Stateless):
     """Take a free slot; replace a resident only if the newcomer outscores it by more than ``margin``
     (a copy costs PCIe time and host-memory bandwidth, so a near-tie is not worth a swap)."""
 
@@ -58,19 +66,29 @@ class AdmitExpectedReuse:
     one host-memory read per extra hit: so the swap pays when the expected extra hits exceed
     ``threshold`` (1 = break-even on host-memory traffic). A free slot is treated as a victim of
     score 0.
+
+    The rates come from ``estimator`` (an object with ``on_route`` and ``score``, e.g. a ``ReuseRate``
+    fed through ``observe``) when given, so that any eviction policy can rank the residents while
+    admission prices the swap; without one, the eviction policy's own score is taken as the rate.
     """
 
     name = "expected-reuse"
 
-    def __init__(self, margin: float = 1.0, horizon: float = 32.0) -> None:
+    def __init__(self, margin: float = 1.0, horizon: float = 32.0, estimator: Any = None) -> None:
         if margin < 0 or horizon <= 0:
             raise ValueError(f"expected-reuse needs threshold >= 0 and horizon > 0, got {margin}, {horizon}")
         self.threshold = margin
         self.horizon = horizon
+        self.estimator = estimator
+
+    def observe(self, routing: LayerRouting) -> None:
+        if self.estimator is not None:
+            self.estimator.on_route(routing)
 
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
-        old = policy.score(victim) if victim is not None else 0.0
-        return (policy.score(eid) - old) * self.horizon > self.threshold
+        rate = (self.estimator or policy).score
+        old = rate(victim) if victim is not None else 0.0
+        return (rate(eid) - old) * self.horizon > self.threshold
 
 
 ADMISSION_RULES: dict[str, type] = {
@@ -82,9 +100,12 @@ ADMISSION_RULES: dict[str, type] = {
 assert set(ADMISSION_RULES) == set(get_args(AdmissionName))
 
 
-def make_admission(name: str, margin: float = 0.0) -> AdmissionRule:
+def make_admission(name: str, margin: float = 0.0, horizon: float = 32.0,
+                   estimator: Any = None) -> AdmissionRule:
     try:
         cls = ADMISSION_RULES[name]
     except KeyError:
         raise ValueError(f"unknown admission rule {name!r}; known: {', '.join(ADMISSION_RULES)}") from None
-    return cls(margin) if cls in (AdmitBetterThanVictim, AdmitExpectedReuse) else cls()
+    if cls is AdmitExpectedReuse:
+        return AdmitExpectedReuse(margin, horizon, estimator)
+    return cls(margin) if cls is AdmitBetterThanVictim else cls()

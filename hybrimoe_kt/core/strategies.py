@@ -13,7 +13,8 @@ from typing import Callable, Literal, Mapping, Optional, Sequence, get_args
 import numpy as np
 
 from hybrimoe_kt.core.admission import AdmissionName, AdmissionRule, make_admission
-from hybrimoe_kt.core.eviction import EvictionName, make_policy, place_frequency, place_per_layer_quota
+from hybrimoe_kt.core.eviction import (EvictionName, ReuseRate, make_policy, place_frequency,
+                                       place_per_layer_quota)
 from hybrimoe_kt.core.prefetch import (ImpactPrefetch, NextScorePrefetch, NoPrefetch, OraclePrefetch,
                                        PrefetcherName, RoutingPredictor)
 from hybrimoe_kt.core.protocols import Clock, EvictionPolicy, Prefetcher, Scheduler
@@ -149,7 +150,11 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
     else:
         assert future is not None
         prefetcher = OraclePrefetch(future, clock, depth=spec.prefetch_depth)
-    admission = make_admission(spec.admission, margin=spec.admission_margin)
+    estimator = None
+    if spec.admission == "expected-reuse" and ev not in ("reuse", "belady"):
+        estimator = ReuseRate(n_layers, n_experts, half_life=spec.reuse_half_life)
+    admission = make_admission(spec.admission, margin=spec.admission_margin,
+                               horizon=spec.reuse_half_life, estimator=estimator)
     return Policies(spec, scheduler, eviction, admission, prefetcher, placement)
 
 

@@ -117,6 +117,7 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
             now += t_attn
             layer_start = now
             policy.on_route(r)
+            admission.observe(r)
             h, lh, m = cache.account(layer, r.experts, now)
             st.hits += h
             st.late_hits += lh

@@ -50,7 +50,7 @@ def test_unknown_or_missing_kwargs_are_value_errors() -> None:
         make_policy("lru", n_layers=2, n_experts=4, alpha=0.5)
     with pytest.raises(ValueError, match=r"required: n_layers, n_experts, top_k"):
         make_policy("mrs", n_layers=2, n_experts=4)
-    assert policy_kwargs("belady") == ("uses", "clock", "n_layers", "n_experts")
+    assert policy_kwargs("belady") == ("uses", "clock", "n_layers", "n_experts", "rate_horizon")
 
 
 def test_static_shape_must_match() -> None:
