@@ -105,8 +105,6 @@ def test_bad_input_is_one_line_and_exit_2(case: str, small_trace: Path, tmp_path
     assert "SIMULATED" not in captured.out
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: in a real process the CLI logs INFO to stderr, so "
-                   "'loaded trace ...' precedes the error line when the trace loads but does not fit")
 def test_real_process_stderr_is_one_line_for_a_model_mismatch(small_trace: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hybrimoe_kt.cli",
                            *sim_args(small_trace, "--model", "mixtral-8x7b")],

@@ -103,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
     setup = SimSetup(trace, trace_name, model, profile, args.cpu_format, args.gpu_format, args.prefill_chunk)
     records = simulate(setup, names, ratios, progress=not args.no_progress,
                        provenance=provenance(seed=args.seed, trace_spec=spec))
-    print(f"SIMULATED: trace {trace_name} ({trace.n_tokens} tokens, {trace.n_layers} MoE layers), model "
-          f"{model.name}, hardware profile {profile.name} (cost model, not a measurement)")
+    print(f"SIMULATED: trace {trace_name} ({trace.n_tokens} tokens, {trace.n_layers} MoE layers, "
+          f"{trace.n_skipped} unknown entries skipped), model {model.name}, hardware profile "
+          f"{profile.name} (cost model, not a measurement)")
     if setup.time_scale != 1.0:
         print(f"  the trace has {trace.n_layers} of {model.n_moe_layers} MoE layers: times extrapolated "
               f"x{setup.time_scale:.2f}")
