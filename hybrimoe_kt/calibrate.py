@@ -8,7 +8,7 @@ Honesty measures: the k experts rotate between repeats over a layer of at least 
 weights (more experts for smaller shapes), so an expert's weights have left the last-level cache before
 it runs again and come from DRAM as in a real model (streaming a flush buffer between calls instead
 slowed the next call down beyond the cache effect); masked and real calls alternate so both see the
-same machine state, and all points are timed round robin; each timing is the minimum of repeats (other
+same machine state, and the token counts of a shape are timed round robin; each timing is the minimum of repeats (other
 processes only add time; every repeat is kept in the profile); one-token calls at I/2 and I/4
 separate the per-expert overhead (constant) from the weight and compute terms (proportional to the
 expert size). ``calibrate_fit.fit_tier`` fits
@@ -49,7 +49,7 @@ class CalibrateConfig:
     experts: int = 8
     top_k: int = 2                      # experts per timed call
     tokens: tuple[int, ...] = DEFAULT_TOKENS
-    repeats: int = 5
+    repeats: int = 10
     size_fractions: tuple[int, ...] = (2, 4)  # extra one-token shapes at I/2, I/4
     gpu_from: str = "rtx4090-ddr5"
     name: str = "this-machine"
@@ -85,6 +85,21 @@ def read_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
         buf.sum()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
+
+
+def busy_cpus(interval_s: float = 0.5) -> float | None:
+    """CPUs' worth of non-idle time over ``interval_s`` from /proc/stat (None where unavailable)."""
+    def snap() -> tuple[int, int]:
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = snap()
+        time.sleep(interval_s)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (1.0 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
 
 
 def cpu_model() -> str:
@@ -168,25 +183,27 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
     gen = torch.Generator().manual_seed(cfg.seed)
     shapes = [cfg.intermediate] + [cfg.intermediate // d for d in cfg.size_fractions
                                    if cfg.intermediate // d >= 32]
-    backends: dict[int, Any] = {}
-    for inter in shapes:
-        n_exp = max(cfg.experts, -(-(cfg.rotate_mib << 20) // (3 * cfg.hidden * inter * 2)))
-        backends[inter] = make_cpu_backend(cfg.backend, *_weights(n_exp, cfg.hidden, inter, gen),
-                                           threads, top_k=cfg.top_k, max_len=max(cfg.tokens))
-    be0 = backends[shapes[0]]
-    facts: dict[str, Any] = {"backend": be0.name, "threads": threads,
-                             "variant": getattr(be0, "variant", "torch")}
-    points = [(be0, n) for n in cfg.tokens] + [(backends[i], 1) for i in shapes[1:]]
-    with tqdm(total=len(points) * (cfg.repeats + 1), desc="calibrate cpu", unit="call",
-              disable=not progress) as bar:
-        times = _time_sweep(points, cfg.top_k, cfg.repeats, gen, bar)
+    plan = [(shapes[0], list(cfg.tokens))] + [(i, [1]) for i in shapes[1:]]
+    facts: dict[str, Any] = {}
     raw: list[dict[str, Any]] = []
-    for (be, n), (calls, empty) in zip(points, times):
-        raw.append({"intermediate": be.intermediate, "tokens": n, "experts_per_call": cfg.top_k,
-                    "experts_in_layer": be.n_experts,
-                    "expert_bytes": 3 * cfg.hidden * be.intermediate * 2,  # bf16
-                    "call_s": calls, "masked_call_s": empty})
-    backends.clear()
+    with tqdm(total=sum(len(t) for _, t in plan) * (cfg.repeats + 1), desc="calibrate cpu",
+              unit="call", disable=not progress) as bar:
+        # One backend alive at a time: an idle kt-kernel worker pool keeps spinning for a while after
+        # its last task and slowed another pool's calls by milliseconds when both were alive.
+        for inter, token_counts in plan:
+            n_exp = max(cfg.experts, -(-(cfg.rotate_mib << 20) // (3 * cfg.hidden * inter * 2)))
+            be = make_cpu_backend(cfg.backend, *_weights(n_exp, cfg.hidden, inter, gen), threads,
+                                  top_k=cfg.top_k, max_len=max(cfg.tokens))
+            facts = facts or {"backend": be.name, "threads": threads,
+                              "variant": getattr(be, "variant", "torch")}
+            points = [(be, n) for n in token_counts]
+            for n, (calls, empty) in zip(token_counts, _time_sweep(points, cfg.top_k, cfg.repeats,
+                                                                   gen, bar)):
+                raw.append({"intermediate": inter, "tokens": n, "experts_per_call": cfg.top_k,
+                            "experts_in_layer": be.n_experts,
+                            "expert_bytes": 3 * cfg.hidden * inter * 2,  # bf16
+                            "call_s": calls, "masked_call_s": empty})
+            del be, points
     # The masked-call time does not depend on the token count or shape on an idle machine; on a busy
     # one single masked calls can take a scheduler tick. The smallest masked call over the whole sweep
     # is the call overhead subtracted everywhere.
@@ -209,11 +226,12 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
                     gpu_measure: Callable[[], tuple[Tier, Any, dict[str, Any]]] | None = None
                     ) -> CalibrationResult:
     """Measure the CPU tier (and the GPU when ``gpu_measure`` is given) and build the profile."""
-    load_before = os.getloadavg()[0]
-    if load_before >= (os.cpu_count() or 1) * 0.5:
-        log.warning("load average %.1f on %d CPU(s): other processes compete for the CPU and inflate "
-                    "the timings; calibrate on an idle machine, or raise --repeats", load_before,
+    busy = busy_cpus()
+    if busy is not None and busy >= 0.5:
+        log.warning("%.1f of %d CPU(s) busy before the sweep: other processes compete for the CPU and "
+                    "inflate the timings; calibrate on an idle machine, or raise --repeats", busy,
                     os.cpu_count() or 1)
+    load_before = os.getloadavg()[0]
     samples, raw, facts = measure_cpu(cfg, progress)
     load_after = os.getloadavg()[0]
     read_bw = read_bandwidth_gbs()
@@ -249,6 +267,7 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
         "fit": {"objective": "relative least squares", "rel_rms": fit.rel_rms,
                 "mem_bw_source": fit.mem_bw_source},
         "machine_read_bw_gbs": read_bw, "load_average_1min": [load_before, load_after],
+        "busy_cpus_before": busy,
         "cpu_model": cpu_model(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": dirty, "gpu_source": gpu_source, "gpu": gpu_raw,

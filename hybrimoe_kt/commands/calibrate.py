@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=2, help="experts per timed call")
     p.add_argument("--tokens", type=_tokens, default=(1, 2, 4, 8, 16, 32, 64, 128),
                    help="token counts per expert to sweep (default 1,2,4,8,16,32,64,128)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per point (the minimum is used)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per point (the minimum is used)")
     p.add_argument("--rotate-mib", type=int, default=128,
                    help="weights cycled through per shape so experts come from DRAM (default 128, "
                         "several times the last-level cache)")
