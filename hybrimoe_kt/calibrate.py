@@ -186,7 +186,8 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
     plan = [(shapes[0], list(cfg.tokens))] + [(i, [1]) for i in shapes[1:]]
     facts: dict[str, Any] = {}
     raw: list[dict[str, Any]] = []
-    with tqdm(total=sum(len(t) for _, t in plan) * (cfg.repeats + 1), desc="calibrate cpu",
+    with tqdm(total=sum(len(t) * (cfg.repeats if len(t) > 1 else 3 * cfg.repeats) + len(t)
+                        for _, t in plan), desc="calibrate cpu",
               unit="call", disable=not progress) as bar:
         # One backend alive at a time: an idle kt-kernel worker pool keeps spinning for a while after
         # its last task and slowed another pool's calls by milliseconds when both were alive.
@@ -197,8 +198,9 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
             facts = facts or {"backend": be.name, "threads": threads,
                               "variant": getattr(be, "variant", "torch")}
             points = [(be, n) for n in token_counts]
-            for n, (calls, empty) in zip(token_counts, _time_sweep(points, cfg.top_k, cfg.repeats,
-                                                                   gen, bar)):
+            # a lone one-token point is quick: more repeats spread it over a longer stretch of time
+            reps = cfg.repeats if len(points) > 1 else 3 * cfg.repeats
+            for n, (calls, empty) in zip(token_counts, _time_sweep(points, cfg.top_k, reps, gen, bar)):
                 raw.append({"intermediate": inter, "tokens": n, "experts_per_call": cfg.top_k,
                             "experts_in_layer": be.n_experts,
                             "expert_bytes": 3 * cfg.hidden * inter * 2,  # bf16
@@ -234,6 +236,7 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
     load_before = os.getloadavg()[0]
     samples, raw, facts = measure_cpu(cfg, progress)
     load_after = os.getloadavg()[0]
+    busy_after = busy_cpus()
     read_bw = read_bandwidth_gbs()
     if len(samples) < 2:
         raise ValueError(f"only {len(samples)} usable sample(s): expert calls were not measurably "
@@ -267,7 +270,7 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
         "fit": {"objective": "relative least squares", "rel_rms": fit.rel_rms,
                 "mem_bw_source": fit.mem_bw_source},
         "machine_read_bw_gbs": read_bw, "load_average_1min": [load_before, load_after],
-        "busy_cpus_before": busy,
+        "busy_cpus_before": busy, "busy_cpus_after": busy_after,
         "cpu_model": cpu_model(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit, "git_dirty": dirty, "gpu_source": gpu_source, "gpu": gpu_raw,
