@@ -15,12 +15,16 @@ AdmissionName = Literal["always", "never", "better-than-victim", "expected-reuse
 
 
 class AdmissionRule(Protocol):
-    """``observe`` sees every layer's routing (before the plan); ``admit`` decides one copy."""
+    """``observe`` sees every layer's routing (before the plan); ``admit`` decides one copy. ``bonus``
+    is extra expected activations the caller knows of (a prefetcher's prediction); rules that do not
+    price copies ignore it."""
 
     name: str
 
     def observe(self, routing: LayerRouting) -> None: ...
-    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool: ...
+
+    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
+              bonus: float = 0.0) -> bool: ...
 
 
 class _Stateless:
@@ -31,14 +35,16 @@ class _Stateless:
 class AdmitAlways(_Stateless):
     name = "always"
 
-    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
+    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
+              bonus: float = 0.0) -> bool:
         return True
 
 
 class AdmitNever(_Stateless):
     name = "never"
 
-    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
+    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
+              bonus: float = 0.0) -> bool:
         return False
 
 
@@ -53,7 +59,8 @@ class AdmitBetterThanVictim(_Stateless):
             raise ValueError(f"admission margin must be >= 0, got {margin}")
         self.margin = margin
 
-    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
+    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
+              bonus: float = 0.0) -> bool:
         return victim is None or policy.score(eid) > policy.score(victim) + self.margin
 
 
@@ -65,7 +72,8 @@ class AdmitExpectedReuse:
     A copy reads the expert from host memory once, as one CPU computation of it would, and saves about
     one host-memory read per extra hit: so the swap pays when the expected extra hits exceed
     ``threshold`` (1 = break-even on host-memory traffic). A free slot is treated as a victim of
-    score 0.
+    score 0. ``bonus`` adds activations expected beyond the rate (a prefetch's predicted use at its
+    target layer).
 
     The rates come from ``estimator`` (an object with ``on_route`` and ``score``, e.g. a ``ReuseRate``
     fed through ``observe``) when given, so that any eviction policy can rank the residents while
@@ -85,10 +93,11 @@ class AdmitExpectedReuse:
         if self.estimator is not None:
             self.estimator.on_route(routing)
 
-    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy) -> bool:
+    def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
+              bonus: float = 0.0) -> bool:
         rate = (self.estimator or policy).score
         old = rate(victim) if victim is not None else 0.0
-        return (rate(eid) - old) * self.horizon > self.threshold
+        return (rate(eid) - old) * self.horizon + bonus > self.threshold
 
 
 ADMISSION_RULES: dict[str, type] = {

@@ -78,10 +78,13 @@ class Prefetcher(Protocol):
 
     ``budget_s`` is the copy-queue time the executor can spend without delaying demand loads; the
     proposal's transfers should fit in it. The executor admits them through the cache (which may evict).
-    ``observe`` sees every layer's routing (after it ran), to learn predictions.
+    ``observe`` sees every layer's routing (after it ran), to learn predictions. ``expected_uses`` is
+    how many activations the last proposal expects of ``eid`` at its target layer (0 when the
+    prefetcher does not estimate it); admission rules may add it to the expert's value.
     """
 
     name: str
 
     def observe(self, routing: LayerRouting) -> None: ...
     def propose(self, layer: int, view: CacheView, budget_s: float) -> list[ExpertId]: ...
+    def expected_uses(self, eid: ExpertId) -> float: ...

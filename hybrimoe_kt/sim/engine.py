@@ -180,8 +180,9 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
                 budget = now + spec.copy_horizon_layers * ema_layer - max(copyq, now)
             if budget >= xfer and (spec.background_in_prefill or not step.is_prefill):
                 wanted: list[ExpertId] = [(layer, e) for e in split.cpu] if spec.admit_misses else []
+                n_misses = len(wanted)
                 wanted += prefetcher.propose(layer, view, budget)
-                for eid in wanted:
+                for j, eid in enumerate(wanted):
                     if budget < xfer:
                         break
                     if eid in cache:
@@ -190,7 +191,8 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
                         victim = cache.choose_victim(eid[0], (), now)
                     except CacheFull:
                         continue
-                    if not admission.admit(eid, victim, policy):
+                    bonus = prefetcher.expected_uses(eid) if j >= n_misses else 0.0
+                    if not admission.admit(eid, victim, policy, bonus):
                         continue
                     t = now if free else max(copyq, now) + xfer
                     if not free:

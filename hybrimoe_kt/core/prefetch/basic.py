@@ -15,6 +15,9 @@ class NoPrefetch:
     def propose(self, layer: int, view: CacheView, budget_s: float) -> list[ExpertId]:
         return []
 
+    def expected_uses(self, eid: ExpertId) -> float:
+        return 0.0
+
 
 class NextScorePrefetch:
     """The released code's prefetch: the top experts of layer l+1 by cache score, if not resident.
@@ -40,3 +43,7 @@ class NextScorePrefetch:
         ranked = sorted(range(view.n_experts), key=lambda e: (-view.score((nxt, e)), e))[:self.size]
         res = view.resident(nxt)
         return [(nxt, e) for e in ranked if e not in res][:n]
+
+    def expected_uses(self, eid: ExpertId) -> float:
+        """The released prefetch ranks by cache score and estimates no probability."""
+        return 0.0

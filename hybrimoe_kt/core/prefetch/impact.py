@@ -32,6 +32,7 @@ class ImpactPrefetch:
         self.discount = discount
         self.extra = extra_candidates
         self._rows = 1
+        self._expected: dict[ExpertId, float] = {}
 
     def observe(self, routing: LayerRouting) -> None:
         self.predictor.observe(routing)
@@ -39,6 +40,7 @@ class ImpactPrefetch:
 
     def propose(self, layer: int, view: CacheView, budget_s: float) -> list[ExpertId]:
         n_max = int(budget_s / view.cost.transfer())
+        self._expected = {}
         if n_max <= 0:
             return []
         k = view.top_k
@@ -69,5 +71,10 @@ class ImpactPrefetch:
                 impact = weight * float(p[e]) * gain
                 if impact > 0:
                     scored.append((impact, (target, e)))
+                    self._expected[(target, e)] = min(1.0, float(p[e]))
         scored.sort(key=lambda x: (-x[0], x[1]))
         return [eid for _, eid in scored[:n_max]]
+
+    def expected_uses(self, eid: ExpertId) -> float:
+        """The predicted activation probability of ``eid`` at its target layer (last proposal)."""
+        return self._expected.get(eid, 0.0)

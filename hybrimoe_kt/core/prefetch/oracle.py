@@ -36,3 +36,7 @@ class OraclePrefetch:
             res = view.resident(r.layer)
             out.extend((r.layer, e) for e in r.experts if e not in res and (r.layer, e) not in out)
         return out[:n_max]
+
+    def expected_uses(self, eid: ExpertId) -> float:
+        """Every proposal is certain to be used at its target layer."""
+        return 1.0
