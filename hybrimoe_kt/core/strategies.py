@@ -69,8 +69,8 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  admit_misses=True, admission="better-than-victim", copy_horizon_layers=2.0),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
-                 prefetch_depth=4, admit_misses=True, admission="better-than-victim",
-                 copy_horizon_layers=2.0, clairvoyant=True),
+                 prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,
+                 copy_horizon_layers=4.0, background_in_prefill=False, clairvoyant=True),
     StrategySpec("roofline", "bandwidth roofline: Belady hit rate over one global pool with free "
                  "transfers, each layer split at its best between the tiers (a fixed hits-on-GPU split "
                  "or per-layer quotas would not bound the deployable strategies)", "balanced", "belady",

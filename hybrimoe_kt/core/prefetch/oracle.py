@@ -38,5 +38,5 @@ class OraclePrefetch:
         return out[:n_max]
 
     def expected_uses(self, eid: ExpertId) -> float:
-        """Every proposal is certain to be used at its target layer."""
-        return 1.0
+        """0: a clairvoyant eviction policy's score already counts this use (no double counting)."""
+        return 0.0

@@ -1,0 +1,151 @@
+"""The per-layer decision loop shared by the simulator and the runtime.
+
+For every MoE layer of every forward the executor calls ``decide(routing, now)`` and applies the
+returned ``Plan`` exactly; after the layer it reports how long it took with ``finish``. The controller
+owns the expert cache, the strategy's policies and its own prediction of the copy queue (the times at
+which booked copies land, from the cost model): the simulator takes those times as truth, the runtime
+uses them for decisions and enforces ordering with real events.
+
+Order inside ``decide``: the eviction policy and admission rule see the routing; the cache counts hits;
+the scheduler splits the experts; demand loads take slots (evicting residents the layer does not use,
+or streaming through a scratch buffer when none can be freed); then background copies are chosen -
+CPU-served misses worth admitting and the prefetcher's proposals - while the copy queue is booked less
+than ``copy_horizon_layers`` layer-times past the layer's predicted end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybrimoe_kt.core.cache import CacheFull, ExpertCache
+from hybrimoe_kt.core.cost import CostModel
+from hybrimoe_kt.core.protocols import Clock
+from hybrimoe_kt.core.strategies import Policies
+from hybrimoe_kt.core.types import ExpertId, LayerRouting, Plan
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A Plan plus what the executor needs to time or account it."""
+
+    plan: Plan
+    hits: int
+    late_hits: int
+    misses: int
+    landing: dict[int, float]       # demand load -> predicted landing time (absolute)
+    ready: dict[int, float]         # in-flight resident -> seconds after ``now`` until it lands
+    streamed: tuple[int, ...]       # demand loads that found no slot (scratch buffer, not admitted)
+    demand_copy_end: float          # copy queue end after demand loads, before background copies
+    background_landing: tuple[float, ...]  # landing time of each of plan.prefetches
+
+
+class Controller:
+    def __init__(self, policies: Policies, cache: ExpertCache, cost: CostModel, clock: Clock,
+                 top_k: int) -> None:
+        self.policies = policies
+        self.spec = policies.spec
+        self.cache = cache
+        self.cost = cost
+        self.clock = clock
+        self.top_k = top_k
+        self.copy_free_at = 0.0     # predicted time at which the copy queue is idle
+        self.layer_time_ema = 0.0   # recent layer time (non-MoE part included), seconds
+        self._free = self.spec.free_transfers
+        self._xfer = 0.0 if self._free else cost.transfer()
+        self._view = _View(self)
+
+    def decide(self, routing: LayerRouting, now: float, gpu_free: float = 0.0,
+               is_prefill: bool = False) -> Decision:
+        """Plan one layer whose MoE part starts at ``now``; the GPU is busy for ``gpu_free`` first."""
+        pol, cache, layer = self.policies, self.cache, routing.layer
+        pol.eviction.on_route(routing)
+        pol.admission.observe(routing)
+        h, lh, m = cache.account(layer, routing.experts, now)
+        in_use = {(layer, e) for e in routing.experts}
+        ready = cache.in_flight(layer, now)
+        split = pol.scheduler.plan(routing, cache.resident(layer), self.cost, ready,
+                                   max(0.0, self.copy_free_at - now), gpu_free)
+        evictions: list[ExpertId] = []
+        landing: dict[int, float] = {}
+        streamed: list[int] = []
+        for e in split.loads:
+            t = now if self._free else max(self.copy_free_at, now) + self._xfer
+            if not self._free:
+                self.copy_free_at = t
+            landing[e] = t
+            try:
+                victim = cache.admit((layer, e), t, in_use, now)
+            except CacheFull:
+                streamed.append(e)
+                continue
+            if victim is not None:
+                evictions.append(victim)
+        demand_end = self.copy_free_at
+        pol.prefetcher.observe(routing)
+        prefetches, bg_landing = self._background(routing, split.cpu, now + split.makespan_s,
+                                                  is_prefill, evictions)
+        plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), tuple(prefetches),
+                    split.makespan_s)
+        return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end, tuple(bg_landing))
+
+    def finish(self, layer_time: float) -> None:
+        """Report the layer's measured (or simulated) time, non-MoE part included."""
+        e = self.layer_time_ema
+        self.layer_time_ema = layer_time if e == 0.0 else 0.9 * e + 0.1 * layer_time
+
+    def _background(self, routing: LayerRouting, cpu: tuple[int, ...], end: float, is_prefill: bool,
+                    evictions: list[ExpertId]) -> tuple[list[ExpertId], list[float]]:
+        spec, pol, cache = self.spec, self.policies, self.cache
+        if is_prefill and not spec.background_in_prefill:
+            return [], []
+        xfer = self._xfer
+        if self._free:
+            budget = float("inf")
+        else:
+            budget = end + spec.copy_horizon_layers * self.layer_time_ema - max(self.copy_free_at, end)
+        if budget < xfer:
+            return [], []
+        layer = routing.layer
+        wanted: list[ExpertId] = [(layer, e) for e in cpu] if spec.admit_misses else []
+        n_misses = len(wanted)
+        wanted += pol.prefetcher.propose(layer, self._view, budget)
+        out: list[ExpertId] = []
+        lands: list[float] = []
+        for j, eid in enumerate(wanted):
+            if budget < xfer:
+                break
+            if eid in cache:
+                continue
+            try:
+                victim = cache.choose_victim(eid[0], (), end)
+            except CacheFull:
+                continue
+            bonus = pol.prefetcher.expected_uses(eid) if j >= n_misses else 0.0
+            if not pol.admission.admit(eid, victim, pol.eviction, bonus):
+                continue
+            t = end if self._free else max(self.copy_free_at, end) + xfer
+            if not self._free:
+                self.copy_free_at = t
+                budget -= xfer
+            cache.admit(eid, t, (), end, victim=victim)
+            if victim is not None:
+                evictions.append(victim)
+            out.append(eid)
+            lands.append(t)
+        return out, lands
+
+
+class _View:
+    """What prefetchers see (core.protocols.CacheView)."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self.n_layers, self.n_experts = ctl.cache.n_layers, ctl.cache.n_experts
+        self.top_k = ctl.top_k
+        self.cost, self.scheduler = ctl.cost, ctl.policies.scheduler
+        self._cache, self._policy = ctl.cache, ctl.policies.eviction
+
+    def resident(self, layer: int):  # -> Collection[int]
+        return self._cache.resident(layer)
+
+    def score(self, eid: ExpertId) -> float:
+        return self._policy.score(eid)
