@@ -63,10 +63,11 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
     StrategySpec("hybrimoe-paper", "HybriMoE as published, release bugs fixed: hss scheduling, MRS "
                  "eviction, impact-driven prefetch of the next layer", "hss", "mrs", prefetch="impact",
                  prefetch_depth=1, copy_horizon_layers=1.0),
-    StrategySpec("hybrimoe", "the project's strategy: balanced scheduling, MRS eviction, CPU-served "
-                 "misses admitted in idle copy time when they outscore the victim, impact prefetch "
-                 "two layers ahead", "balanced", "mrs", prefetch="impact", prefetch_depth=2,
-                 admit_misses=True, admission="better-than-victim", copy_horizon_layers=2.0),
+    StrategySpec("hybrimoe", "the project's strategy: balanced scheduling, MRS eviction, background "
+                 "copies (CPU-served misses, impact prefetch two layers ahead) only when their expected "
+                 "extra hits pay for the host-memory traffic of the copy, decode only", "balanced", "mrs",
+                 prefetch="impact", prefetch_depth=2, admit_misses=True, admission="expected-reuse",
+                 admission_margin=1.0, copy_horizon_layers=4.0, background_in_prefill=False),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,
