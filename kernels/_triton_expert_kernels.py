@@ -1,0 +1,107 @@
+"""Triton kernels behind ``triton_experts.py``. Imports triton at module load: import it lazily.
+
+Two launches per call, no host sync:
+1. ``gate_up_kernel``, grid ``(N*K, cdiv(I, BLOCK_OUT))``: one program per (token, k) pair and tile of
+   intermediate rows. It reads the pair's slot from ``slot_ids``, does nothing for a negative slot, and
+   otherwise writes ``act[pair, i] = silu(gate x) * (up x)`` in fp32.
+2. ``down_kernel``, grid ``(N, cdiv(H, BLOCK_OUT))``: one program per token and tile of hidden rows. It
+   loops over the token's K pairs, skips negative slots, and accumulates ``weight * down @ act[pair]``;
+   each output element is owned by one program, so there are no atomics.
+
+Both are matrix-vector products (``matvec``): a ``[BLOCK_OUT, BLOCK_IN]`` weight tile is loaded
+row-major (contiguous along the input dim, so loads coalesce), dequantised in registers, multiplied by
+the matching slice of the input vector and reduced over the input dim, in fp32. ``FMT`` selects the
+slot format at compile time: 0 = bf16, 1 = int8 with a per-row scale (applied once after the reduction),
+2 = packed int4 with a per-group scale and offset (``BLOCK_IN`` divides the group, so one scale and one
+offset per row per tile: ``sum_j w_j x_j = scale * sum_j q_j x_j + offset * sum_j x_j``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN,
+           FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """fp32 ``[BLOCK_OUT]``: rows ``offs_out`` of one ``[OUT, IN]`` matrix times the vector at ``vec_ptr``.
+
+    ``w_ptr``, ``scale_ptr`` and ``offset_ptr`` already point at the slot's matrix and scales.
+    """
+    acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
+    rows = offs_out.to(tl.int64)                                            # [BLOCK_OUT]
+    if FMT == 2:
+        half = IN // 2
+        n_groups = IN // GROUP
+        for k0 in range(0, IN, BLOCK_IN):
+            offs_p = k0 // 2 + tl.arange(0, BLOCK_IN // 2)                  # [BLOCK_IN/2] packed columns
+            mask_p = offs_p < half
+            x_even = tl.load(vec_ptr + 2 * offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            x_odd = tl.load(vec_ptr + 2 * offs_p + 1, mask=mask_p, other=0.0).to(tl.float32)
+            b = tl.load(w_ptr + rows[:, None] * half + offs_p[None, :],
+                        mask=mask_out[:, None] & mask_p[None, :], other=0)   # [BLOCK_OUT, BLOCK_IN/2]
+            lo = (b & 0xF).to(tl.float32)
+            hi = (b >> 4).to(tl.float32)
+            qx = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1)  # [BLOCK_OUT]
+            xsum = tl.sum(x_even, axis=0) + tl.sum(x_odd, axis=0)
+            g_off = rows * n_groups + k0 // GROUP                           # [BLOCK_OUT]
+            sc = tl.load(scale_ptr + g_off, mask=mask_out, other=0.0)
+            of = tl.load(offset_ptr + g_off, mask=mask_out, other=0.0)
+            acc += qx * sc + of * xsum
+    else:
+        for k0 in range(0, IN, BLOCK_IN):
+            offs_in = k0 + tl.arange(0, BLOCK_IN)                           # [BLOCK_IN]
+            mask_in = offs_in < IN
+            v = tl.load(vec_ptr + offs_in, mask=mask_in, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * IN + offs_in[None, :],
+                        mask=mask_out[:, None] & mask_in[None, :], other=0)  # [BLOCK_OUT, BLOCK_IN]
+            acc += tl.sum(w.to(tl.float32) * v[None, :], axis=1)
+        if FMT == 1:
+            acc *= tl.load(scale_ptr + rows, mask=mask_out, other=0.0)
+    return acc
+
+
+@triton.jit
+def gate_up_kernel(x_ptr, slot_ids_ptr, act_ptr,
+                   wg_ptr, sg_ptr, og_ptr, wu_ptr, su_ptr, ou_ptr,
+                   H, I, K, W_STRIDE, S_STRIDE,
+                   FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """act[pair, tile] = silu(gate x) * up x for one (token, k) pair; nothing for a negative slot."""
+    pair = tl.program_id(0)
+    slot = tl.load(slot_ids_ptr + pair)
+    if slot >= 0:
+        tok = pair // K
+        s64 = slot.to(tl.int64)
+        offs_out = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)   # [BLOCK_OUT] rows of I
+        mask_out = offs_out < I
+        vec = x_ptr + tok.to(tl.int64) * H
+        g = matvec(wg_ptr + s64 * W_STRIDE, sg_ptr + s64 * S_STRIDE, og_ptr + s64 * S_STRIDE, vec,
+                   offs_out, mask_out, H, FMT, GROUP, BLOCK_OUT, BLOCK_IN)
+        u = matvec(wu_ptr + s64 * W_STRIDE, su_ptr + s64 * S_STRIDE, ou_ptr + s64 * S_STRIDE, vec,
+                   offs_out, mask_out, H, FMT, GROUP, BLOCK_OUT, BLOCK_IN)
+        act = g / (1.0 + tl.exp(-g)) * u
+        tl.store(act_ptr + pair.to(tl.int64) * I + offs_out, act, mask=mask_out)
+
+
+@triton.jit
+def down_kernel(act_ptr, slot_ids_ptr, weights_ptr, out_ptr,
+                wd_ptr, sd_ptr, od_ptr,
+                H, I, K, W_STRIDE, S_STRIDE,
+                FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """out[tok, tile] = sum_k weight * down @ act[pair] over the token's pairs with a slot."""
+    tok = tl.program_id(0)
+    offs_out = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)       # [BLOCK_OUT] rows of H
+    mask_out = offs_out < H
+    acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
+    for k in range(0, K):
+        pair = tok * K + k
+        slot = tl.load(slot_ids_ptr + pair)
+        if slot >= 0:
+            s64 = slot.to(tl.int64)
+            wgt = tl.load(weights_ptr + pair)
+            y = matvec(wd_ptr + s64 * W_STRIDE, sd_ptr + s64 * S_STRIDE, od_ptr + s64 * S_STRIDE,
+                       act_ptr + pair.to(tl.int64) * I, offs_out, mask_out, I,
+                       FMT, GROUP, BLOCK_OUT, BLOCK_IN)
+            acc += wgt * y
+    tl.store(out_ptr + tok.to(tl.int64) * H + offs_out, acc, mask=mask_out)
