@@ -42,7 +42,8 @@ def dequant_all(slots: SlotWeights) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return tuple(torch.stack([p[m] for p in per]).cpu() for m in range(3))  # type: ignore[return-value]
 
 
-def routing_with_holes(n: int = 6, h: int = H, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_with_holes(n: int = 6, h: int = H, seed: int = 3
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K = 2; -1 entries, a fully unserved row, slots shared across rows and one repeated inside a row."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, h, generator=g).to(torch.bfloat16)                      # [N, H]
@@ -104,7 +105,7 @@ def test_slot_bytes_shrink_with_the_format() -> None:
 def test_torch_paths_match_per_token_reference(fmt: str, path: str) -> None:
     slots, (gate, up, down) = make_slots(fmt, group=32)
     x, ids, w = routing_with_holes()
-    out = gpu_experts_forward(x, ids, w, slots, active_slots=[0, 1, 2, 3], path=path)  # type: ignore[arg-type]
+    out = gpu_experts_forward(x, ids, w, slots, [0, 1, 2, 3], path=path)  # type: ignore[arg-type]
     assert out.dtype == torch.float32 and out.shape == (6, H)
     assert rel_err(out, expected(slots, x, ids, w)) < 1e-2
     assert torch.all(out[3] == 0)                                   # the row with no served expert
@@ -129,7 +130,8 @@ def test_out_is_overwritten_and_returned() -> None:
     x, ids, w = routing_with_holes()
     for path in ("decode", "prefill"):
         buf = torch.full((6, H), 7.0)
-        res = gpu_experts_forward(x, ids, w, slots, [0, 1, 2, 3], out=buf, path=path)  # type: ignore[arg-type]
+        res = gpu_experts_forward(x, ids, w, slots, [0, 1, 2, 3], out=buf,
+                                  path=path)  # type: ignore[arg-type]
         assert res is buf and rel_err(buf, expected(slots, x, ids, w)) < 1e-2
     empty = gpu_experts_forward(x[:0], ids[:0], w[:0], slots, [0])
     assert empty.shape == (0, H)
