@@ -1,0 +1,180 @@
+"""HybridMoE: executes the core's Plans for every MoE layer of a model.
+
+``forward(layer, x, topk_ids, topk_weights)`` asks the shared Controller for the layer's Plan, then:
+frees the slots of evicted experts; sets the CPU backend's GPU mask in place and submits the CPU
+experts (asynchronous); queues demand loads on the copy stream; runs the GPU experts from their slots
+(waiting on copy events, no per-expert host syncs) and the shared experts meanwhile; queues the
+background copies; waits for the CPU; and sums the tiers, each expert with its own routing weight.
+The only host transfer per layer is the routing ids and weights (the CPU kernel needs them anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from hybrimoe_kt.core.cache import ExpertCache
+from hybrimoe_kt.core.controller import Controller
+from hybrimoe_kt.core.cost import CostModel
+from hybrimoe_kt.core.protocols import Clock
+from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy
+from hybrimoe_kt.core.types import LayerRouting
+from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
+from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
+from hybrimoe_kt.runtime.device import Tier
+from hybrimoe_kt.runtime.slots import SlotPool
+from hybrimoe_kt.runtime.store import HostExpertStore
+
+log = logging.getLogger(__name__)
+
+SharedFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RuntimeStats:
+    forwards: int = 0
+    decide_s: float = 0.0      # controller time (plan, cache, policies)
+    dispatch_s: float = 0.0    # host time from the plan to the last queued kernel/copy
+    wait_s: float = 0.0        # waiting for the CPU tier and the sum
+    gpu_experts: int = 0
+    cpu_experts: int = 0
+    streamed: int = 0
+    per_layer_host_s: list[float] = field(default_factory=list)
+
+
+class HybridMoE:
+    def __init__(self, store: HostExpertStore, tier: Tier, strategy: str | StrategySpec, slots: int,
+                 cost: CostModel, top_k: int, *, counts: Optional[np.ndarray] = None,
+                 cpu_backend: str = "auto", cpu_threads: Optional[int] = None, max_len: int = 512,
+                 n_scratch: int = 2) -> None:
+        spec = strategy if isinstance(strategy, StrategySpec) else get_strategy(strategy)
+        if spec.clairvoyant:
+            raise ValueError(f"strategy {spec.name} needs the future and exists only in the simulator")
+        if not 1 <= top_k <= store.n_experts:
+            raise ValueError(f"top_k={top_k} must be in 1..{store.n_experts}")
+        self.store, self.tier, self.spec, self.top_k = store, tier, spec, top_k
+        n_layers, n_experts = store.n_layers, store.n_experts
+        self.clock = Clock()
+        self.policies = build_policies(spec, n_layers, n_experts, top_k, slots, self.clock, counts=counts)
+        self.cache = ExpertCache(n_layers, n_experts, slots if spec.uses_gpu_cache else 0,
+                                 self.policies.eviction, global_pool=spec.pool == "global")
+        self.controller = Controller(self.policies, self.cache, cost, self.clock, top_k)
+        self.pool = SlotPool(tier, store, self.cache.capacity, n_scratch)
+        self.cpu = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, cpu_threads, top_k=top_k,
+                                     max_len=max_len) for lw in store]
+        self.cache.place(self.policies.placement)
+        for eid in self.policies.placement:
+            self.pool.load(eid)
+        self.stats = RuntimeStats()
+        self._t0 = time.perf_counter()
+        self._forward_index = 0
+        self._last_layer = n_layers
+        self._slot_map = torch.full((n_experts,), -1, dtype=torch.int32)  # host [E]
+
+    @property
+    def label(self) -> str:
+        return self.tier.label
+
+    def _check(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
+        s = self.store
+        if not 0 <= layer < s.n_layers:
+            raise ValueError(f"layer {layer} out of range 0..{s.n_layers - 1}")
+        if x.dim() != 2 or x.shape[1] != s.hidden:
+            raise ValueError(f"hidden states must be [N, {s.hidden}], got {tuple(x.shape)}")
+        if x.dtype not in (torch.bfloat16, torch.float32, torch.float16):
+            raise ValueError(f"hidden states must be a float tensor, got {x.dtype}")
+        if ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.shape[1] != self.top_k:
+            raise ValueError(f"topk_ids must be [{x.shape[0]}, {self.top_k}], got {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"topk_ids must be int64 or int32, got {ids.dtype}")
+        if tuple(w.shape) != tuple(ids.shape) or not w.dtype.is_floating_point:
+            raise ValueError(f"topk_weights must be a float tensor of shape {tuple(ids.shape)}, got "
+                             f"{w.dtype} {tuple(w.shape)}")
+
+    def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                shared: Optional[SharedFn] = None) -> torch.Tensor:
+        """Routed (+ shared) experts of MoE layer ``layer`` for ``x [N, H]``; returns ``[N, H]`` in x's dtype."""
+        self._check(layer, x, topk_ids, topk_weights)
+        t_start = time.perf_counter()
+        if layer <= self._last_layer:
+            self._forward_index += 1
+        self._last_layer = layer
+        self.clock.now = self._forward_index * self.store.n_layers + layer
+        ids_cpu = topk_ids.to("cpu", torch.int64)        # [N, K] the one device-to-host copy
+        w_cpu = topk_weights.to("cpu", torch.float32)    # [N, K]
+        ids_np = ids_cpu.numpy()
+        if ids_np.size and (ids_np.max() >= self.store.n_experts or ids_np.min() < -1):
+            raise ValueError(f"topk_ids must be in -1..{self.store.n_experts - 1}, got "
+                             f"{int(ids_np.min())}..{int(ids_np.max())}")
+        n = x.shape[0]
+        routing = LayerRouting.from_topk(layer, ids_np, w_cpu.numpy(), is_prefill=n > 1)
+        d = self.controller.decide(routing, t_start - self._t0, 0.0, n > 1)
+        plan = d.plan
+        t_plan = time.perf_counter()
+        pool, tier = self.pool, self.tier
+        for eid in plan.evictions:
+            pool.release(eid)
+        # CPU tier: mask the experts the GPU serves, submit asynchronously
+        backend = self.cpu[layer]
+        backend.gpu_mask.zero_()
+        if plan.gpu:
+            backend.gpu_mask[list(plan.gpu)] = True
+        x_cpu = x.to("cpu", torch.bfloat16).contiguous()
+        cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
+        if plan.cpu:
+            backend.submit(x_cpu, ids_cpu, w_cpu, cpu_out)
+        # demand loads, then the GPU experts from their slots
+        streamed = set(d.streamed)
+        slot_map = self._slot_map
+        slot_map.fill_(-1)
+        for e in plan.loads:
+            if e not in streamed:
+                pool.load((layer, e))
+        resident_slots = []
+        for e in plan.gpu:
+            if e not in streamed:
+                s = pool.slot_of((layer, e))
+                slot_map[e] = s
+                resident_slots.append(s)
+        out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=tier.device)
+        shared_out = shared(x) if shared is not None else None
+        if resident_slots:
+            pool.before_compute(resident_slots)
+            slot_ids = slot_map.to(tier.device, non_blocking=True)[topk_ids.to(tier.device).long().clamp(min=0)]
+            slot_ids = torch.where(topk_ids.to(tier.device) >= 0, slot_ids, -1)
+            gpu_experts_forward(x.to(tier.device), slot_ids, topk_weights.to(tier.device, torch.float32),
+                                pool.weights, active_slots=resident_slots, out=out)
+            pool.after_compute(resident_slots)
+        for e in plan.gpu:
+            if e in streamed:  # no evictable slot: copy into scratch, compute, forget
+                s = pool.stream((layer, e))
+                pool.before_compute([s])
+                sid = torch.where(topk_ids.to(tier.device) == e, s, -1).to(torch.int32)
+                out += gpu_experts_forward(x.to(tier.device), sid, topk_weights.to(tier.device, torch.float32),
+                                           pool.weights, active_slots=[s])
+                pool.after_compute([s])
+        for eid in plan.prefetches:
+            pool.load(eid)
+        t_dispatch = time.perf_counter()
+        if plan.cpu:
+            backend.sync()
+            out += cpu_out.to(tier.device, torch.float32)
+        if shared_out is not None:
+            out += shared_out.to(torch.float32)
+        result = out.to(x.dtype)
+        t_end = time.perf_counter()
+        self.controller.finish(t_end - t_start)
+        st = self.stats
+        st.forwards += 1
+        st.decide_s += t_plan - t_start
+        st.dispatch_s += t_dispatch - t_plan
+        st.wait_s += t_end - t_dispatch
+        st.gpu_experts += len(plan.gpu)
+        st.cpu_experts += len(plan.cpu)
+        st.streamed += len(streamed)
+        return result

@@ -1,0 +1,103 @@
+"""The GPU slot pool: a fixed number of expert slots allocated once, shared by all MoE layers.
+
+The pool mirrors the core's ExpertCache: whenever the cache admits an expert the pool assigns it a
+slot and copies its weights on the copy stream; whenever the cache evicts one, its slot goes back to
+the free list. Ordering is enforced with events, never with host syncs:
+
+- a copy into a slot first waits for the last compute that read the slot (``last_read``), so a slot
+  is overwritten only after every kernel reading the previous expert has finished;
+- a compute that reads a slot first waits for the slot's copy (``copy_done``).
+
+Together with the core never evicting an expert the current layer uses, this makes the released
+code's prefill race (a slot handed to a layer and overwritten before its compute ran) impossible.
+Scratch slots beyond the cache's capacity serve demand loads that found no evictable slot ("streamed":
+copied, computed once, never admitted).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from hybrimoe_kt.core.types import ExpertId
+from hybrimoe_kt.kernels.slot_weights import SlotWeights, quantize_expert
+from hybrimoe_kt.runtime.device import Event, Tier
+from hybrimoe_kt.runtime.store import HostExpertStore
+
+
+class SlotPool:
+    def __init__(self, tier: Tier, store: HostExpertStore, n_slots: int, n_scratch: int = 2,
+                 fmt: str = "bf16") -> None:
+        if n_slots < 0 or n_scratch < 1:
+            raise ValueError(f"slot pool needs n_slots >= 0 and n_scratch >= 1, got {n_slots}, {n_scratch}")
+        if fmt != "bf16":
+            raise ValueError(f"slot format {fmt!r} is not supported by the runtime yet; use bf16")
+        self.tier, self.store = tier, store
+        self.n_slots, self.n_scratch = n_slots, n_scratch
+        self.weights = SlotWeights.allocate(n_slots + n_scratch, store.hidden, store.intermediate, fmt,
+                                            tier.device)
+        self.table: dict[ExpertId, int] = {}
+        self.free: list[int] = list(range(n_slots - 1, -1, -1))  # pop() gives the lowest slot first
+        self.copy_done: list[Optional[Event]] = [None] * (n_slots + n_scratch)
+        self.last_read: list[Optional[Event]] = [None] * (n_slots + n_scratch)
+        self._next_scratch = 0
+        self.copies = 0
+        self.bytes_copied = 0
+
+    def slot_of(self, eid: ExpertId) -> int:
+        return self.table[eid]
+
+    def release(self, eid: ExpertId) -> None:
+        """The cache evicted ``eid``: its slot becomes free (rewritten only after its readers finish)."""
+        try:
+            s = self.table.pop(eid)
+        except KeyError:
+            raise RuntimeError(f"slot pool out of sync with the cache: {eid} has no slot") from None
+        self.free.append(s)
+
+    def load(self, eid: ExpertId) -> int:
+        """Assign a free slot to ``eid`` and copy its weights there on the copy stream."""
+        if eid in self.table:
+            raise RuntimeError(f"slot pool out of sync with the cache: {eid} already has a slot")
+        if not self.free:
+            raise RuntimeError(f"slot pool out of sync with the cache: no free slot for {eid}")
+        s = self.free.pop()
+        self.table[eid] = s
+        self._copy(eid, s)
+        return s
+
+    def stream(self, eid: ExpertId) -> int:
+        """Copy ``eid`` into the next scratch slot for one compute (not admitted)."""
+        s = self.n_slots + self._next_scratch
+        self._next_scratch = (self._next_scratch + 1) % self.n_scratch
+        self._copy(eid, s)
+        return s
+
+    def _copy(self, eid: ExpertId, s: int) -> None:
+        layer, e = eid
+        self.store.check(layer, e)
+        lw = self.store.layers[layer]
+        packed = quantize_expert(lw.gate[e], lw.up[e], lw.down[e], self.weights.fmt)  # bf16: views
+        tier = self.tier
+        with tier.copying():
+            prev = self.last_read[s]
+            if prev is not None:
+                tier.wait_on_copy_stream(prev)
+            self.weights.write_packed(s, packed, non_blocking=tier.is_cuda)
+            self.copy_done[s] = tier.record_on_copy()
+        self.copies += 1
+        self.bytes_copied += self.store.expert_bytes()
+
+    def before_compute(self, slots: list[int]) -> None:
+        """The compute stream waits for the copies of ``slots``."""
+        for s in slots:
+            ev = self.copy_done[s]
+            if ev is not None:
+                self.tier.wait_on_compute(ev)
+
+    def after_compute(self, slots: list[int]) -> None:
+        """Mark ``slots`` as read by the compute just queued."""
+        if not slots:
+            return
+        ev = self.tier.record_on_compute()
+        for s in slots:
+            self.last_read[s] = ev
