@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy
 from hybrimoe_kt.core.types import LayerRouting
-from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
+from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, make_cpu_backend
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.slots import SlotPool
@@ -51,7 +51,7 @@ class HybridMoE:
     def __init__(self, store: HostExpertStore, tier: Tier, strategy: str | StrategySpec, slots: int,
                  cost: CostModel, top_k: int, *, counts: Optional[np.ndarray] = None,
                  cpu_backend: str = "auto", cpu_threads: Optional[int] = None, max_len: int = 512,
-                 n_scratch: int = 2) -> None:
+                 n_scratch: int = 2, cpu_backends: Optional[Sequence[CpuExpertBackend]] = None) -> None:
         spec = strategy if isinstance(strategy, StrategySpec) else get_strategy(strategy)
         if spec.clairvoyant:
             raise ValueError(f"strategy {spec.name} needs the future and exists only in the simulator")
@@ -65,8 +65,13 @@ class HybridMoE:
                                  self.policies.eviction, global_pool=spec.pool == "global")
         self.controller = Controller(self.policies, self.cache, cost, self.clock, top_k)
         self.pool = SlotPool(tier, store, self.cache.capacity, n_scratch)
-        self.cpu = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, cpu_threads, top_k=top_k,
-                                     max_len=max_len) for lw in store]
+        if cpu_backends is not None:  # prebuilt for this store (shared by runtimes over one store)
+            if len(cpu_backends) != n_layers:
+                raise ValueError(f"cpu_backends has {len(cpu_backends)} layers, the store has {n_layers}")
+            self.cpu = list(cpu_backends)
+        else:
+            self.cpu = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, cpu_threads, top_k=top_k,
+                                         max_len=max_len) for lw in store]
         self.cache.place(self.policies.placement)
         for eid in self.policies.placement:
             self.pool.load(eid)
