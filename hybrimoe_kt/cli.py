@@ -17,6 +17,7 @@ COMMANDS = {
     "record": "record",
     "trace-stats": "trace_stats",
     "synth-trace": "synth_trace",
+    "make-tiny-model": "make_tiny_model",
     "rules": "rules",
 }
 

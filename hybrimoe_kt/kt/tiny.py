@@ -93,6 +93,16 @@ def _randomize_router_biases(model: Any, bias_attr: Optional[str]) -> None:
                 bias.copy_(torch.randn_like(bias) * 0.05)
 
 
+def check_out_dir(out: str | Path, force: bool = False) -> Path:
+    """``out`` as a Path; ValueError when it is a file, or a non-empty folder without ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out} is not empty; pass --force to write into it anyway")
+    return out
+
+
 def make_tiny_model(family: str, out: str | Path, seed: int = 0, gguf: bool = False,
                     force: bool = False) -> dict[str, Any]:
     """Build, save and return a summary: ``{dir, family, params, files, gguf}``. ``out`` must be empty
@@ -100,11 +110,7 @@ def make_tiny_model(family: str, out: str | Path, seed: int = 0, gguf: bool = Fa
     from hybrimoe_kt.kt.tiny_tokenizer import build_tokenizer
 
     get_family(family)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"--out {out} is not empty; pass --force to write into it anyway")
+    out = check_out_dir(out, force)
     out.mkdir(parents=True, exist_ok=True)
     log.info("training the tiny tokenizer")
     tokenizer = build_tokenizer(VOCAB)
