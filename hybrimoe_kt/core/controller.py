@@ -82,8 +82,11 @@ class Controller:
                 evictions.append(victim)
         demand_end = self.copy_free_at
         pol.prefetcher.observe(routing)
+        # experts this layer uses or this plan admits are never background victims: the executor
+        # frees evicted slots before it loads and computes, so such a victim would have no slot
+        keep = in_use | {(layer, e) for e in split.loads}
         prefetches, bg_landing = self._background(routing, split.cpu, now + split.makespan_s,
-                                                  is_prefill, evictions)
+                                                  is_prefill, evictions, keep)
         plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), tuple(prefetches),
                     split.makespan_s)
         return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end, tuple(bg_landing))
@@ -94,7 +97,7 @@ class Controller:
         self.layer_time_ema = layer_time if e == 0.0 else 0.9 * e + 0.1 * layer_time
 
     def _background(self, routing: LayerRouting, cpu: tuple[int, ...], end: float, is_prefill: bool,
-                    evictions: list[ExpertId]) -> tuple[list[ExpertId], list[float]]:
+                    evictions: list[ExpertId], keep: set[ExpertId]) -> tuple[list[ExpertId], list[float]]:
         spec, pol, cache = self.spec, self.policies, self.cache
         if is_prefill and not spec.background_in_prefill:
             return [], []
@@ -117,7 +120,7 @@ class Controller:
             if eid in cache:
                 continue
             try:
-                victim = cache.choose_victim(eid[0], (), end)
+                victim = cache.choose_victim(eid[0], keep, end)
             except CacheFull:
                 continue
             bonus = pol.prefetcher.expected_uses(eid) if j >= n_misses else 0.0
@@ -128,6 +131,7 @@ class Controller:
                 self.copy_free_at = t
                 budget -= xfer
             cache.admit(eid, t, (), end, victim=victim)
+            keep.add(eid)
             if victim is not None:
                 evictions.append(victim)
             out.append(eid)
