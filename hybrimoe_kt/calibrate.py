@@ -34,6 +34,7 @@ import numpy as np
 
 from hybrimoe_kt.calibrate_fit import ExpertSample, TierFit, fit_tier
 from hybrimoe_kt.core.hardware import HardwareProfile, Tier, load_profile
+from hybrimoe_kt.provenance import cpu_model, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +101,6 @@ def busy_cpus(interval_s: float = 0.5) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return (1.0 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> tuple[str, bool | None]:
-    """(commit, dirty) of the source tree this package runs from; ("unknown", None) outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return head, bool(dirty)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", None
 
 
 def _stat(xs: list[float]) -> float:
