@@ -23,8 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
