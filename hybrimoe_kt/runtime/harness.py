@@ -1,0 +1,175 @@
+"""Benchmark harness: a stack of model-shaped MoE layers with random weights, driven by replayed routing.
+
+Shared by ``scripts/bench_runtime.py`` and ``scripts/device_check.py``. ``StackShape`` names the layer
+shape; ``random_store`` fills a host store quickly (on the GPU when one is given); ``run_replay`` runs a
+HybridMoE over replay steps and records, per forward, the wall time of all layers (synchronised around
+the timed region only) and per layer call the host time the runtime spent deciding and dispatching.
+``trivial_kernels`` replaces every kernel and copy by a no-op so that only host work remains (a
+measuring tool, never used for results that claim compute).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from hybrimoe_kt.core.models import ModelPreset, get_model
+from hybrimoe_kt.runtime import moe as moe_module
+from hybrimoe_kt.runtime.moe import HybridMoE
+from hybrimoe_kt.runtime.replay import ReplayStep, RoutingReplay
+from hybrimoe_kt.runtime.store import HostExpertStore
+
+
+@dataclass(frozen=True, slots=True)
+class StackShape:
+    """MoE layers of one model family (expert count and top-k from the model, optionally smaller FFNs)."""
+
+    model: str
+    n_layers: int
+    hidden: int
+    inter: int
+
+    def preset(self) -> ModelPreset:
+        base = get_model(self.model)
+        return replace(base, hidden=self.hidden, expert_intermediate=self.inter)
+
+    @property
+    def n_experts(self) -> int:
+        return get_model(self.model).n_experts
+
+    @property
+    def top_k(self) -> int:
+        return get_model(self.model).top_k
+
+    def expert_bytes(self) -> int:
+        return 3 * self.hidden * self.inter * 2  # bf16
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_shape": self.model, "n_layers": self.n_layers, "n_experts": self.n_experts,
+                "top_k": self.top_k, "hidden": self.hidden, "expert_intermediate": self.inter,
+                "expert_mib_bf16": round(self.expert_bytes() / 2**20, 3),
+                "weights_gib_bf16": round(self.n_layers * self.n_experts * self.expert_bytes() / 2**30, 3)}
+
+
+def random_store(shape: StackShape, seed: int = 0, pin: bool = False,
+                 device: Optional[torch.device] = None) -> HostExpertStore:
+    """Random bf16 experts (std ~ fan_in^-1/2). With ``device`` (a GPU) each tensor is drawn there and
+    copied back; on the CPU one random expert-sized block per tensor is drawn and repeated with a
+    per-expert sign and scale, which keeps the fill fast (weight values do not change timings)."""
+    store = HostExpertStore.allocate(shape.n_layers, shape.n_experts, shape.hidden, shape.inter, pin)
+    gen = torch.Generator(device=device if device is not None else "cpu").manual_seed(seed)
+    for lw in store.layers:
+        for t, fan_in in ((lw.gate, shape.hidden), (lw.up, shape.hidden), (lw.down, shape.inter)):
+            e = t.shape[0]
+            if device is not None:
+                for i in range(e):
+                    t[i].copy_((torch.randn(t.shape[1:], generator=gen, device=device)
+                                * fan_in ** -0.5).to(torch.bfloat16))
+                continue
+            block = torch.randn(t.shape[1:], generator=gen) * fan_in ** -0.5
+            scales = 0.5 + torch.rand(e, generator=gen)
+            signs = torch.where(torch.rand(e, generator=gen) < 0.5, -1.0, 1.0)
+            for i in range(e):
+                t[i].copy_(block * float(scales[i] * signs[i]))
+    return store
+
+
+@dataclass
+class RunRecord:
+    """What one replayed run measured."""
+
+    forward_s: list[float] = field(default_factory=list)      # wall time of each timed forward, all layers
+    forward_tokens: list[int] = field(default_factory=list)
+    forward_prefill: list[bool] = field(default_factory=list)
+    layer_host_s: list[float] = field(default_factory=list)   # decide + dispatch of each layer call
+    layer_decide_s: list[float] = field(default_factory=list)
+    layer_prefill: list[bool] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_replay(moe: HybridMoE, replay: RoutingReplay, steps: Sequence[ReplayStep], *, seed: int = 0,
+               record: Optional[RunRecord] = None, timed: bool = True,
+               layer_wall: Optional[list[float]] = None) -> RunRecord:
+    """Run ``steps`` through every layer of ``moe``; inputs and routing are placed on the tier's device
+    before the timed region (a router's outputs live there). ``layer_wall`` collects the wall time of
+    each layer call (no synchronisation: on a GPU that is the host's share)."""
+    rec = record if record is not None else RunRecord()
+    dev = moe.tier.device
+    gen = torch.Generator().manual_seed(seed)
+    n_layers = moe.store.n_layers
+    st = moe.stats
+    for step in steps:
+        n = step.n_tokens
+        xs = (torch.randn(n, moe.store.hidden, generator=gen) * 0.5).to(torch.bfloat16).to(dev)
+        routes = [tuple(t.to(dev) for t in replay.routing(step, layer)) for layer in range(n_layers)]
+        _sync(dev)
+        t0 = time.perf_counter()
+        x = xs
+        with torch.no_grad():
+            for layer in range(n_layers):
+                d0, p0 = st.decide_s, st.dispatch_s
+                tl = time.perf_counter()
+                y = moe.forward(layer, x, routes[layer][0], routes[layer][1])
+                if layer_wall is not None:
+                    layer_wall.append(time.perf_counter() - tl)
+                rec.layer_host_s.append((st.decide_s - d0) + (st.dispatch_s - p0))
+                rec.layer_decide_s.append(st.decide_s - d0)
+                rec.layer_prefill.append(step.is_prefill)
+                x = (x.float() + y.float()).to(torch.bfloat16)  # residual keeps the input scale
+        _sync(dev)
+        if timed:
+            rec.forward_s.append(time.perf_counter() - t0)
+            rec.forward_tokens.append(n)
+            rec.forward_prefill.append(step.is_prefill)
+    return rec
+
+
+def summary_us(xs: Sequence[float]) -> dict[str, float]:
+    """median / p90 / mean in microseconds (empty input: zeros and n=0)."""
+    if not xs:
+        return {"median_us": 0.0, "p90_us": 0.0, "mean_us": 0.0, "n": 0}
+    a = np.asarray(xs, dtype=np.float64) * 1e6
+    return {"median_us": round(float(np.median(a)), 2), "p90_us": round(float(np.percentile(a, 90)), 2),
+            "mean_us": round(float(a.mean()), 2), "n": int(a.size)}
+
+
+@contextmanager
+def trivial_kernels(moe: HybridMoE) -> Iterator[None]:
+    """Within the block, CPU expert calls, GPU expert calls and slot copies of ``moe`` do nothing; every
+    host step of the runtime (decisions, masks, slot bookkeeping, events, tensor plumbing) still runs."""
+    def gpu_noop(x: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, slots: Any,
+                 active_slots: Any = None, out: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+        return out if out is not None else torch.zeros(x.shape[0], slots.hidden, device=x.device)
+
+    saved_gpu = moe_module.gpu_experts_forward
+    saved = [(b, b.__dict__.get("submit"), b.__dict__.get("sync")) for b in moe.cpu]
+    weights = moe.pool.weights
+    saved_write = weights.__dict__.get("write_packed")
+    moe_module.gpu_experts_forward = gpu_noop  # type: ignore[assignment]
+    for b in moe.cpu:
+        b.submit = lambda *a, **k: None  # type: ignore[method-assign]
+        b.sync = lambda: None  # type: ignore[method-assign]
+    weights.write_packed = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        moe_module.gpu_experts_forward = saved_gpu  # type: ignore[assignment]
+        for b, sub, syn in saved:
+            for name, orig in (("submit", sub), ("sync", syn)):
+                if orig is None:
+                    delattr(b, name)
+                else:
+                    setattr(b, name, orig)
+        if saved_write is None:
+            del weights.write_packed
+        else:
+            weights.write_packed = saved_write  # type: ignore[method-assign]
