@@ -23,11 +23,22 @@ def load_config(model_dir: str | Path) -> Any:
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model folder {model_dir} has no config.json; pass a Hugging Face model "
                          f"folder (weights are not needed)")
+    import json
+
     import transformers
 
     try:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{model_dir}/config.json is not readable JSON: {e}") from e
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    try:
         return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
+        if model_type and "recognize" in str(e):
+            raise ValueError(f"{model_dir}/config.json: model_type {model_type!r} is unknown to "
+                             f"transformers {transformers.__version__} (remote code is not run); "
+                             f"use a model family transformers ships or upgrade it") from e
         raise ValueError(f"{model_dir}/config.json: cannot build a config with transformers "
                          f"{transformers.__version__}: {' '.join(str(e).split())[:300]}") from e
 
