@@ -192,10 +192,14 @@ def _spec_of_block(block: Any) -> FamilySpec:
 def expert_weights(block: Any, dtype: Any = None) -> tuple[Any, Any, Any]:
     """Stacked routed expert weights of a MoE block: gate [E, I, H], up [E, I, H], down [E, H, I],
     contiguous copies in ``dtype`` (default bfloat16)."""
+    spec = _spec_of_block(block)
+    return stacked_expert_weights(getattr(block, spec.experts_attr), dtype)
+
+
+def stacked_expert_weights(experts: Any, dtype: Any = None) -> tuple[Any, Any, Any]:
+    """The same from a routed-experts module itself (the module an experts operator replaces)."""
     import torch
 
-    spec = _spec_of_block(block)
-    experts = getattr(block, spec.experts_attr)
     dtype = torch.bfloat16 if dtype is None else dtype
     if hasattr(experts, "gate_up_proj"):
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
