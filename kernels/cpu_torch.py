@@ -49,6 +49,10 @@ class TorchCpuBackend:
         self.sync()
         return out
 
+    def _expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BF16 gate [I, H], up [I, H], down [H, I] of expert ``e`` (subclasses may build them lazily)."""
+        return self.gate[e], self.up[e], self.down[e]
+
     def _compute(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32)  # [N, H]
         valid = ids >= 0                                                  # [N, K]
@@ -65,10 +69,11 @@ class TorchCpuBackend:
         for e, c in zip(uniq.tolist(), counts.tolist()):
             r = rows[start:start + c]                                     # [c]
             xe = x[r]                                                     # [c, H]
-            g = F.linear(xe, self.gate[e]).float()                        # [c, I]
-            u = F.linear(xe, self.up[e]).float()                          # [c, I]
+            wg, wu, wd = self._expert(e)
+            g = F.linear(xe, wg).float()                                  # [c, I]
+            u = F.linear(xe, wu).float()                                  # [c, I]
             h = (F.silu(g) * u).to(torch.bfloat16)                        # [c, I]
-            y = F.linear(h, self.down[e]).float()                         # [c, H]
+            y = F.linear(h, wd).float()                                   # [c, H]
             acc.index_add_(0, r, y * weights[r, cols[start:start + c]].unsqueeze(1))
             start += c
         return acc.to(torch.bfloat16)
