@@ -11,6 +11,8 @@ Facts checked against transformers 5.24 (``modeling_<family>.py``):
   ``[:I]`` are the gate projection, ``[I:]`` the up projection; ``is_concatenated=True``,
   ``is_transposed=False``) and ``experts.down_proj [E, H, I]``; an expert computes
   ``down @ (silu(gate @ x) * (up @ x))``. Older per-expert layouts (a ModuleList of MLPs) are read too.
+  The experts' forward dispatches on ``config._experts_implementation`` ("grouped_mm" by default in
+  5.24, "eager" loops over experts); the weight layout is the same for every implementation.
 - Router semantics differ (see ``RouterSpec``): softmax over all experts then top-k (Mixtral always
   renormalises the k weights; Qwen2-MoE, Qwen3-MoE and OLMoE when ``norm_topk_prob``); DeepSeek-V2 takes a
   softmax, optionally limits the choice to the best ``topk_group`` of ``n_group`` groups (group score =
@@ -137,7 +139,8 @@ def _attr(module: Any, name: Optional[str], default: Any = None) -> Any:
 
 def route(block: Any, hidden: Any, spec: Optional[FamilySpec] = None) -> tuple[Any, Any]:
     """Top-k expert ids [N, k] int64 and fp32 weights [N, k] of ``hidden`` [..., H], computed from the
-    router's weight with the family's rule. Rows are ordered by weight, highest first."""
+    router's weight with the family's rule. Rows are ordered by weight, highest first. Weights stay
+    fp32: in a bf16 model the Qwen2-MoE, Qwen3-MoE and OLMoE routers round theirs to bf16."""
     import torch
 
     spec = spec or _spec_of_block(block)
