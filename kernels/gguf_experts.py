@@ -47,6 +47,7 @@ class GgufTensor:
 
     def __post_init__(self) -> None:
         name = self.type_name.upper()
+        ggml_type_id(name)  # unknown names raise here
         if name not in EXPERT_GGUF_TYPES:
             raise ValueError(f"GGUF type {self.type_name!r} is not supported for routed experts; "
                              f"use one of {', '.join(EXPERT_GGUF_TYPES)}")
