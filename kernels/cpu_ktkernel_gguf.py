@@ -6,7 +6,9 @@ chunking by ``max_len`` and keeping pointers alive are inherited from ``KtKernel
 configuration and weight loading differ.
 
 Checked with kt-kernel 0.7.2 (avx2 variant) in a subprocess before being allowed here: Q4_K, Q5_K, Q6_K
-and Q8_0 run (relative error about 2e-2 against torch on the dequantised weights); BF16 weights abort
+and Q8_0 run (relative error about 2e-2 against torch on the dequantised weights) when hidden and
+intermediate sizes are multiples of 256 (other hidden sizes give silently wrong results for calls of
+10 or more tokens, so they are refused); BF16 weights abort
 the whole process inside ``load_weights`` ("llamafile not supported"), so BF16 is refused. All-BF16
 layers are served by the BF16 backend instead (see ``cpu_gguf_factory``).
 """
@@ -19,7 +21,7 @@ import logging
 import numpy as np
 import torch
 
-from hybrimoe_kt.kernels.cpu_ktkernel import HIDDEN_MULTIPLE, KtKernelBackend
+from hybrimoe_kt.kernels.cpu_ktkernel import KtKernelBackend
 from hybrimoe_kt.kernels.gguf_experts import GgufLayerExperts
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ LLAMAFILE_REFUSED = {
             "('llamafile not supported'); BF16 experts use the BF16 MoE (AVX2BF16_MOE/AMXBF16_MOE)",
 }
 INTERMEDIATE_MULTIPLE = 256      # the llamafile MoE splits the intermediate dim in blocks of 256
+# Checked with Q8_0: hidden=96 or 288 runs, but calls of >= GROUP_MIN_LEN tokens return wrong values
+# (relative error 0.3..1.0) without any error; multiples of 256 are correct on both paths.
+HIDDEN_MULTIPLE_GGUF = 256
 GGML_BF16 = 30                   # ggml type id of the BF16 activations handed to the kernel
 M_BLOCK = 32                     # rows per parallel work item in the grouped path
 GROUP_MIN_LEN = 10               # calls with fewer tokens take the per-token path
@@ -47,8 +52,8 @@ def unsupported_gguf(layer: GgufLayerExperts) -> str | None:
                    f"(supported: {', '.join(LLAMAFILE_TYPES)})"
     if layer.intermediate % INTERMEDIATE_MULTIPLE:
         return f"intermediate={layer.intermediate} is not a multiple of {INTERMEDIATE_MULTIPLE}"
-    if layer.hidden % HIDDEN_MULTIPLE:
-        return f"hidden={layer.hidden} is not a multiple of {HIDDEN_MULTIPLE}"
+    if layer.hidden % HIDDEN_MULTIPLE_GGUF:
+        return f"hidden={layer.hidden} is not a multiple of {HIDDEN_MULTIPLE_GGUF}"
     return None
 
 

@@ -154,9 +154,9 @@ def test_kt_kernel_matches_torch(kx: object, dense: tuple[torch.Tensor, ...], ty
     from hybrimoe_kt.kernels.cpu_ktkernel_gguf import KtKernelGgufBackend
 
     lx = layer_of(dense, types)
-    kt = KtKernelGgufBackend(lx, 1, top_k=2, max_len=8)
+    kt = KtKernelGgufBackend(lx, 1, top_k=2, max_len=16)
     tb = TorchGgufBackend(lx, 1)
-    for n in (1, 12):   # 1: per-token path; 12: two chunks of max_len=8, the second grouped
+    for n in (1, 12, 20):   # < 10 tokens: per-token path; 12: grouped; 20: chunks of 16 (grouped) + 4
         x, ids, w = routing(n, 2, E, H, seed=n)
         out = kt.forward(x, ids, w)
         assert rel_err(out, tb.forward(x, ids, w)) < 3e-2   # measured about 2e-2
@@ -189,6 +189,9 @@ def test_kt_kernel_refuses_bf16_and_bad_intermediate(kx: object, dense: tuple[to
         KtKernelGgufBackend(layer_of(dense, ("Q4_K", "Q4_K", "BF16")), 1)
     g, u, d = tiny_experts(E, H, 128)
     with pytest.raises(ValueError, match="intermediate=128 is not a multiple of 256"):
+        KtKernelGgufBackend(GgufLayerExperts.quantize(g, u, d, "Q8_0"), 1)
+    g, u, d = tiny_experts(E, 96, I)   # runs, but grouped calls would be silently wrong
+    with pytest.raises(ValueError, match="hidden=96 is not a multiple of 256"):
         KtKernelGgufBackend(GgufLayerExperts.quantize(g, u, d, "Q8_0"), 1)
 
 
