@@ -231,3 +231,26 @@ def test_factory_without_extension(dense: tuple[torch.Tensor, ...], monkeypatch:
     assert "extension missing (test)" in caplog.text
     with pytest.raises(ValueError, match="extension missing"):
         make_gguf_cpu_backend("kt-kernel", lx, n_threads=1)
+
+
+def test_gguf_file_round_trip(dense: tuple[torch.Tensor, ...], tmp_path: object) -> None:
+    # K-quant blocks written to a GGUF file, read back by gguf_io, served by whichever backend `auto` picks
+    import gguf
+
+    from hybrimoe_kt.kt.gguf_io import read_gguf_experts
+
+    lx = layer_of(dense, ("Q4_K", "Q4_K", "Q6_K"))
+    path = str(tmp_path / "experts.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    for proj, t in (("gate", lx.gate), ("up", lx.up), ("down", lx.down)):
+        writer.add_tensor(f"blk.1.ffn_{proj}_exps.weight", t.data,
+                          raw_dtype=gguf.GGMLQuantizationType[t.type_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    experts = GgufExperts.from_tensors(read_gguf_experts(path))
+    assert experts.layer(1).types == ("Q4_K", "Q4_K", "Q6_K")
+    b = make_gguf_cpu_backend("auto", experts, 1, 1, top_k=2)
+    x, ids, w = routing(5, 2, E, H)
+    assert rel_err(b.forward(x, ids, w), reference(*lx.dequantize(), x, ids, w)) < 3e-2
