@@ -1,0 +1,96 @@
+"""Build the one runtime that all HybriMoE operators of a model share, after the rules are applied."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from hybrimoe_kt.core.cost import RooflineCost
+from hybrimoe_kt.core.hardware import load_profile
+from hybrimoe_kt.core.models import ModelPreset
+from hybrimoe_kt.core.strategies import get_strategy, slots_for, with_overrides
+from hybrimoe_kt.kt.operators import HybriMoEExperts, RuntimeSettings
+from hybrimoe_kt.runtime.device import Tier
+from hybrimoe_kt.runtime.moe import HybridMoE
+from hybrimoe_kt.runtime.store import HostExpertStore, LayerWeights
+
+log = logging.getLogger(__name__)
+
+
+def preset_from_config(config: Any, n_moe_layers: int, n_experts: int, top_k: int, hidden: int,
+                       inter: int, model: torch.nn.Module) -> ModelPreset:
+    """A model preset for the cost model, from a loaded model (attention weights counted exactly)."""
+    n_layers = int(getattr(config, "num_hidden_layers", n_moe_layers))
+    attn = sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n) // max(1, n_layers)
+    shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0) or \
+        int(getattr(config, "n_shared_experts", 0) or 0) * inter
+    return ModelPreset(str(getattr(config, "model_type", "model")), str(getattr(config, "_name_or_path", "")),
+                       n_layers, n_layers - n_moe_layers, n_experts, top_k,
+                       int(getattr(config, "n_shared_experts", 0) or (1 if shared else 0)), hidden, inter, shared,
+                       attn, int(getattr(config, "vocab_size", 0)))
+
+
+def _counts(path: Optional[str], n_layers: int, n_experts: int) -> Optional[np.ndarray]:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.suffix == ".npy":
+        counts = np.load(p)
+    else:
+        from hybrimoe_kt.traces.format import load_trace
+
+        counts = load_trace(p).expert_counts()
+    if counts.shape != (n_layers, n_experts):
+        raise ValueError(f"placement counts {path} have shape {counts.shape}, the model needs "
+                         f"({n_layers}, {n_experts})")
+    return counts
+
+
+def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None) -> Optional[HybridMoE]:
+    """Gather every HybriMoEExperts operator of ``model`` into one HybridMoE; None if there is none."""
+    ops = sorted((m for m in model.modules() if isinstance(m, HybriMoEExperts)), key=lambda m: m.layer_index)
+    if not ops:
+        return None
+    settings = {op.settings for op in ops}
+    if len(settings) != 1:
+        raise ValueError("the HybriMoE operators of one model share a runtime and must have the same "
+                         f"rule kwargs and devices; got {len(settings)} different settings")
+    s: RuntimeSettings = settings.pop()
+    config = getattr(model, "config", None)
+    k = top_k or int(getattr(config, "num_experts_per_tok", 0) or 0)
+    if k < 1:
+        raise ValueError("cannot tell the model's top-k (config.num_experts_per_tok); pass top_k")
+    layers = []
+    for op in ops:
+        if op.weights is None:
+            raise ValueError(f"{op.key}: its weights were already handed to a runtime")
+        layers.append(LayerWeights(*op.weights))
+    store = HostExpertStore(layers)
+    for op in ops:
+        op.weights = None  # the store holds the only host copy
+    spec = get_strategy(s.strategy)
+    if s.prefetch_depth is not None:
+        spec = with_overrides(spec, prefetch_depth=int(s.prefetch_depth))
+    n_l, n_e = store.n_layers, store.n_experts
+    if s.gpu_slots is not None:
+        total = int(s.gpu_slots)
+    elif s.gpu_gib is not None:
+        total = int(float(s.gpu_gib) * 2**30 // store.expert_bytes())
+    else:
+        total = slots_for(replace(spec, pool="global"), n_l, n_e, float(s.cache_ratio or 0.0))
+    slots = total if spec.pool == "global" else total // n_l
+    preset = preset_from_config(config, n_l, n_e, k, store.hidden, store.intermediate, model)
+    cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16")
+    runtime = HybridMoE(store, Tier(s.device), spec, slots, cost, k,
+                        counts=_counts(s.placement_counts, n_l, n_e), cpu_backend=s.cpu_backend,
+                        cpu_threads=s.cpu_threads)
+    for i, op in enumerate(ops):
+        op.runtime, op.moe_index = runtime, i
+    log.info("HybriMoE runtime: %d MoE layers, %d experts, strategy %s, %d GPU slots, GPU tier: %s",
+             n_l, n_e, spec.name, runtime.cache.capacity, runtime.label)
+    return runtime
