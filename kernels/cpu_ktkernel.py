@@ -8,16 +8,42 @@ than ``max_len`` are split into consecutive chunks; the extension's queue runs t
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import logging
+import os
+import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from hybrimoe_kt.kernels.cpu_backend import check_call, check_weights
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null for the block: the extension prints "CPUInfer ... Hello /
+    Goodbye" and pool set-up lines from C++ when its objects are created and destroyed."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield  # no usable stdout (closed, or interpreter shutting down): nothing to hide
+        return
+    libc = ctypes.CDLL(None)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        libc.fflush(None)  # C stdio buffers hold what was written while silenced
+        os.dup2(saved, 1)
+        os.close(saved)
+
 
 # BF16 MoE classes in order of preference: AMX tiles (falls back to AVX-512 BF16 inside), then AVX2.
 BF16_MOE_CLASSES = ("AMXBF16_MOE", "AVX2BF16_MOE")
@@ -74,7 +100,8 @@ class KtKernelBackend:
         self._down = down.contiguous()      # [E, H, I]
         self.gpu_mask = torch.zeros(self.n_experts, dtype=torch.bool)  # [E], read at forward time
         self._p2l = torch.arange(self.n_experts, dtype=torch.int64)    # [E] physical -> logical ids
-        self._cpu = kx.CPUInfer(n_threads)
+        with quiet_stdout():
+            self._cpu = kx.CPUInfer(n_threads)
         cfg = kx.moe.MOEConfig(self.n_experts, self.top_k, self.hidden, self.intermediate,
                                self.gpu_mask.data_ptr())
         cfg.layer_idx = layer_idx
@@ -84,9 +111,10 @@ class KtKernelBackend:
         cfg.up_proj = self._up.data_ptr()
         cfg.down_proj = self._down.data_ptr()
         self._cfg = cfg
-        self._moe = cls(cfg)
-        self._cpu.submit(self._moe.load_weights_task(self._p2l.data_ptr()))
-        self._cpu.sync()
+        with quiet_stdout():
+            self._moe = cls(cfg)
+            self._cpu.submit(self._moe.load_weights_task(self._p2l.data_ptr()))
+            self._cpu.sync()
         self._pending: list[torch.Tensor] = []  # tensors used by submitted, not yet synced tasks
         log.debug("kt-kernel backend ready: %s, E=%d H=%d I=%d top_k=%d threads=%d", self.variant,
                   self.n_experts, self.hidden, self.intermediate, self.top_k, n_threads)
@@ -128,3 +156,6 @@ class KtKernelBackend:
         # never free tensors that a queued task still reads
         if getattr(self, "_pending", None):
             self._cpu.sync()
+        with quiet_stdout():  # the extension says goodbye when its objects go
+            self.__dict__.pop("_moe", None)
+            self.__dict__.pop("_cpu", None)

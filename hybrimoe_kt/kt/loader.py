@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -37,7 +37,8 @@ class HybridModel:
 
 
 def load_hybrid(model_dir: str | Path, rules_path: str | Path, dtype: Optional[torch.dtype] = None,
-                progress: bool = True) -> HybridModel:
+                progress: bool = True, overrides: Optional[Mapping[str, Any]] = None) -> HybridModel:
+    """``overrides``: runtime settings that replace the rule kwargs, e.g. ``{"cpu_threads": 4}``."""
     from hybrimoe_kt.kt.tiny import load_model
 
     t0 = time.perf_counter()
@@ -54,7 +55,7 @@ def load_hybrid(model_dir: str | Path, rules_path: str | Path, dtype: Optional[t
     report = apply_rules(model, rules, config=model.config)
     if bar is not None:
         bar.update(1)
-    runtime = attach_runtime(model)
+    runtime = attach_runtime(model, overrides=overrides)
     if bar is not None:
         bar.update(1)
         bar.close()

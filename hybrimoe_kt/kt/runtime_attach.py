@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -51,8 +51,22 @@ def _counts(path: Optional[str], n_layers: int, n_experts: int) -> Optional[np.n
     return counts
 
 
-def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None) -> Optional[HybridMoE]:
-    """Gather every HybriMoEExperts operator of ``model`` into one HybridMoE; None if there is none."""
+def apply_overrides(s: RuntimeSettings, overrides: Optional[Mapping[str, Any]]) -> RuntimeSettings:
+    """``s`` with the named settings replaced (e.g. ``{"cpu_threads": 8}`` from a command-line flag)."""
+    if not overrides:
+        return s
+    known = {f.name for f in fields(RuntimeSettings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown runtime setting override(s) {unknown}; known: {sorted(known)}")
+    log.info("runtime settings overridden: %s", dict(overrides))
+    return replace(s, **dict(overrides))
+
+
+def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
+                   overrides: Optional[Mapping[str, Any]] = None) -> Optional[HybridMoE]:
+    """Gather every HybriMoEExperts operator of ``model`` into one HybridMoE; None if there is none.
+    ``overrides``: RuntimeSettings fields that replace what the rule kwargs say (same for all layers)."""
     ops = sorted((m for m in model.modules() if isinstance(m, HybriMoEExperts)), key=lambda m: m.layer_index)
     if not ops:
         return None
@@ -60,7 +74,7 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None) -> Optio
     if len(settings) != 1:
         raise ValueError("the HybriMoE operators of one model share a runtime and must have the same "
                          f"rule kwargs and devices; got {len(settings)} different settings")
-    s: RuntimeSettings = settings.pop()
+    s: RuntimeSettings = apply_overrides(settings.pop(), overrides)
     config = getattr(model, "config", None)
     k = top_k or int(getattr(config, "num_experts_per_tok", 0) or 0)
     if k < 1:

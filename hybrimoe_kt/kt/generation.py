@@ -1,0 +1,202 @@
+"""Token generation on a hybrid model: greedy or sampled, streamed through a callback, timed, with the
+runtime's counters for that one generation.
+
+``generate(hm, input_ids, max_new_tokens)`` runs one prefill forward over the prompt, then one decode
+forward per new token with the model's KV cache. The prefill time is the time to the first token;
+decode tok/s counts the tokens after the first. The runtime counters (cache hits, CPU/GPU expert split,
+bytes copied to the GPU tier) are read before and after, so the result holds this generation's deltas.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TokenCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RuntimeCounters:
+    """A snapshot (or a difference of two) of the hybrid runtime's counters."""
+
+    forwards: int = 0
+    gpu_experts: int = 0
+    cpu_experts: int = 0
+    streamed: int = 0
+    hits: int = 0
+    late_hits: int = 0
+    misses: int = 0
+    copies: int = 0
+    bytes_copied: int = 0
+
+    @classmethod
+    def read(cls, runtime: Any) -> "RuntimeCounters":
+        if runtime is None:
+            return cls()
+        st, c, pool = runtime.stats, runtime.cache.counters, runtime.pool
+        return cls(st.forwards, st.gpu_experts, st.cpu_experts, st.streamed, c.hits, c.late_hits,
+                   c.misses, pool.copies, pool.bytes_copied)
+
+    def __sub__(self, other: "RuntimeCounters") -> "RuntimeCounters":
+        return RuntimeCounters(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
+
+    def __add__(self, other: "RuntimeCounters") -> "RuntimeCounters":
+        return RuntimeCounters(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    @property
+    def hit_rate(self) -> float:
+        """Activated experts that were resident on the GPU tier (late hits included)."""
+        n = self.hits + self.late_hits + self.misses
+        return (self.hits + self.late_hits) / n if n else 0.0
+
+    @property
+    def gpu_share(self) -> float:
+        """Fraction of expert executions that ran on the GPU tier."""
+        n = self.gpu_experts + self.cpu_experts
+        return self.gpu_experts / n if n else 0.0
+
+    @property
+    def gb_copied(self) -> float:
+        return self.bytes_copied / 1e9
+
+    def summary(self) -> dict[str, Any]:
+        return {**asdict(self), "hit_rate": round(self.hit_rate, 6), "gpu_share": round(self.gpu_share, 6),
+                "gb_copied": round(self.gb_copied, 9)}
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    prefill_s: float          # prompt forward + first token
+    decode_s: float           # the forwards after the first token
+    decode_forwards: int = 0
+    counters: RuntimeCounters = field(default_factory=RuntimeCounters)
+    stopped_on_eos: bool = False
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.decode_forwards
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "prefill_s": round(self.prefill_s, 6), "decode_s": round(self.decode_s, 6),
+                "prefill_tok_s": round(self.prefill_tok_s, 3), "decode_tok_s": round(self.decode_tok_s, 3),
+                "stopped_on_eos": self.stopped_on_eos, **self.counters.summary()}
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float,
+               generator: Optional[torch.Generator]) -> int:
+    """The next token from ``logits [V]``: argmax at temperature 0, else a nucleus sample."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the most likely one
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Turns a growing token list into text pieces; holds back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer: Any, callback: Optional[TokenCallback]) -> None:
+        self.tokenizer, self.callback = tokenizer, callback
+        self.emitted = 0
+        self.text = ""
+
+    def update(self, tokens: list[int], final: bool = False) -> None:
+        self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if self.callback is None:
+            return
+        end = len(self.text)
+        if not final and self.text.endswith("\ufffd"):
+            end = len(self.text.rstrip("\ufffd"))
+        if end > self.emitted:
+            self.callback(self.text[self.emitted:end])
+            self.emitted = end
+
+
+def eos_ids(hm: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(hm.model, "generation_config", None), hm.tokenizer):
+        v = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def cache_argument(model: Any) -> str:
+    """The forward keyword for the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def generate(hm: Any, input_ids: torch.Tensor | list[int], max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: Optional[int] = None, on_text: Optional[TokenCallback] = None,
+             stop_on_eos: bool = True) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (``[T]`` or ``[1, T]``) with the
+    hybrid model ``hm`` (a ``HybridModel``); ``on_text`` receives the decoded text piece by piece."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0.0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)  # [1, T]
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt encodes to no tokens")
+    model = hm.model
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    gen = None
+    if temperature > 0.0:
+        gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    stops = eos_ids(hm) if stop_on_eos else set()
+    stream = TextStream(hm.tokenizer, on_text)
+    before = RuntimeCounters.read(hm.runtime)
+    tokens: list[int] = []
+    eos = False
+    n_decode = 0
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    tok = next_token(out.logits[0, -1], temperature, top_p, gen)
+    t1 = time.perf_counter()
+    cache_kw = cache_argument(model)
+    past = getattr(out, cache_kw)
+    while True:
+        if tok in stops:
+            eos = True
+            break
+        tokens.append(tok)
+        stream.update(tokens)
+        if len(tokens) >= max_new_tokens:
+            break
+        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{cache_kw: past})
+        past = getattr(out, cache_kw)
+        n_decode += 1
+        tok = next_token(out.logits[0, -1], temperature, top_p, gen)
+    t2 = time.perf_counter()
+    stream.update(tokens, final=True)
+    counters = RuntimeCounters.read(hm.runtime) - before
+    log.debug("generated %d tokens after %d prompt tokens", len(tokens), ids.shape[1])
+    return GenerationResult(tokens, stream.text, int(ids.shape[1]), t1 - t0, t2 - t1, n_decode, counters, eos)
