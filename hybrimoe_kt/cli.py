@@ -19,6 +19,7 @@ COMMANDS = {
     "synth-trace": "synth_trace",
     "make-tiny-model": "make_tiny_model",
     "rules": "rules",
+    "fidelity": "fidelity",
 }
 
 

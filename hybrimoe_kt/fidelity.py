@@ -1,0 +1,199 @@
+"""Calibration fidelity: replay one routing through the runtime and through the simulator, compare times.
+
+A stack of model-shaped MoE layers (the model's expert count and top-k, a reduced hidden/intermediate
+size, random bf16 weights) runs the replayed steps in ``HybridMoE``; every MoE layer call's wall time
+is measured. The simulator's engine replays the same steps with the same strategy, the same calibration
+counts and a ``RooflineCost`` built from the profile for the SAME reduced shape and bf16 weights, and its
+predicted time of each layer call is read off the engine itself (see ``_TimedCache``), so the prediction
+is the simulator's timing, not a re-derivation of it.
+
+The runtime's layer call runs only the routed experts (no attention, no shared experts), so the cost
+model's non-MoE terms (attention, shared experts, per-layer GPU overhead, dense layers and LM head) are
+set to zero for both sides. For ``stock`` every routed expert runs on the CPU kernel and the prediction
+is ``cpu_call + sum over activated experts of cpu_expert(tokens)``.
+
+Without a GPU the runtime's GPU tier is the CPU stand-in (torch on the CPU), which the profile's GPU tier
+does not describe: rows of strategies that put experts on that tier are informative only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from hybrimoe_kt.core.cache import ExpertCache
+from hybrimoe_kt.core.cost import RooflineCost
+from hybrimoe_kt.core.hardware import HardwareProfile
+from hybrimoe_kt.core.models import ModelPreset
+from hybrimoe_kt.core.protocols import Clock
+from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy
+from hybrimoe_kt.core.types import LayerRouting
+from hybrimoe_kt.sim.engine import RunStats, Step, replay
+
+log = logging.getLogger(__name__)
+
+GOAL_REL = 0.20  # the CPU tier's per-layer error goal (+-20%)
+CPU_ONLY = "stock"
+
+
+def moe_only_cost(profile: HardwareProfile, model: ModelPreset) -> RooflineCost:
+    """The profile's cost model for ``model`` (a reduced ModelPreset) with bf16 weights on both
+    tiers and every non-MoE term zero: what one runtime layer call (routed experts only) executes."""
+    cost = RooflineCost.build(profile, model, "bf16", "bf16")
+    return replace(cost, attn_mem=0.0, attn_per_token=0.0, shared_mem=0.0, shared_per_token=0.0,
+                   layer_fixed=0.0, extra_mem=0.0, extra_per_token=0.0, n_extra_layers=0)
+
+
+class _TimedCache(ExpertCache):
+    """An ExpertCache that records the simulated time at which each layer's plan is decided.
+
+    The engine calls ``account`` once per layer from ``Controller.decide`` with the time the layer's MoE
+    part starts; with the non-MoE terms at zero, a layer ends exactly where the next one starts, so the
+    differences of these times are the engine's own per-layer times.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decided_at: list[float] = []
+
+    def account(self, layer: int, experts: Any, now: float) -> tuple[int, int, int]:
+        self.decided_at.append(now)
+        return super().account(layer, experts, now)
+
+
+@dataclass
+class Prediction:
+    """The simulator's time of every layer call (in replay order) and its run totals."""
+
+    layer_s: list[float]
+    stats: RunStats
+    hit_rate: float
+
+
+def simulate_layers(steps: Sequence[Step], cost: RooflineCost, spec: StrategySpec, counts: np.ndarray,
+                    slots: int, top_k: int) -> Prediction:
+    """Run the simulator's engine over ``steps``; returns each layer call's simulated time."""
+    n_layers, n_experts = counts.shape
+    clock = Clock()
+    pol = build_policies(spec, n_layers, n_experts, top_k, slots, clock, counts=counts)
+    cache = _TimedCache(n_layers, n_experts, slots if spec.uses_gpu_cache else 0, pol.eviction,
+                        global_pool=spec.pool == "global")
+    cache.place(pol.placement)
+    st = replay(steps, cost, pol, cache, clock, top_k)
+    starts = cache.decided_at
+    n_calls = sum(len(s.routings) for s in steps)
+    if len(starts) != n_calls:
+        raise RuntimeError(f"the engine decided {len(starts)} layers for {n_calls} layer calls")
+    end = st.decode_s + st.prefill_s  # the run starts at 0 and steps follow each other
+    layer_s = [b - a for a, b in zip(starts, starts[1:] + [end])]
+    return Prediction(layer_s, st, cache.counters.hit_rate)
+
+
+def sim_steps(routings: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], is_prefill: Sequence[bool],
+              requests: Sequence[int]) -> list[Step]:
+    """Simulator steps from per-step, per-layer ``(ids [N, K], weights [N, K])``, built exactly as the
+    runtime builds its LayerRouting (prefill when the call has more than one row)."""
+    out: list[Step] = []
+    for layers, pre, req in zip(routings, is_prefill, requests):
+        n = int(layers[0][0].shape[0])
+        rs = tuple(LayerRouting.from_topk(l, ids, w, is_prefill=n > 1) for l, (ids, w) in enumerate(layers))
+        out.append(Step(rs, n, bool(pre), int(req)))
+    return out
+
+
+def rel_errors(predicted: Sequence[float], measured: Sequence[float]) -> np.ndarray:
+    """(predicted - measured) / measured, per entry."""
+    p = np.asarray(predicted, dtype=np.float64)
+    m = np.asarray(measured, dtype=np.float64)
+    return (p - m) / m
+
+
+def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, Any]:
+    """Median (signed), mean absolute, p90 absolute relative error, fraction within +-20%, medians."""
+    if len(measured) == 0:
+        return {"n": 0, "median": None, "mean_abs": None, "p90_abs": None, "within_20pct": None,
+                "measured_median_ms": None, "predicted_median_ms": None}
+    e = rel_errors(predicted, measured)
+    a = np.abs(e)
+    return {"n": int(e.size), "median": round(float(np.median(e)), 4),
+            "mean_abs": round(float(a.mean()), 4), "p90_abs": round(float(np.percentile(a, 90)), 4),
+            "within_20pct": round(float((a <= GOAL_REL).mean()), 4),
+            "measured_median_ms": round(1e3 * float(np.median(measured)), 4),
+            "predicted_median_ms": round(1e3 * float(np.median(predicted)), 4)}
+
+
+@dataclass
+class LayerCalls:
+    """One replayed run, flattened: one entry per layer call in replay order."""
+
+    step: list[int] = field(default_factory=list)
+    layer: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    prefill: list[bool] = field(default_factory=list)
+    experts: list[int] = field(default_factory=list)   # activated routed experts
+
+    @staticmethod
+    def of(steps: Sequence[Step]) -> "LayerCalls":
+        c = LayerCalls()
+        for i, s in enumerate(steps):
+            for r in s.routings:
+                c.step.append(i)
+                c.layer.append(r.layer)
+                c.tokens.append(s.n_rows)
+                c.prefill.append(s.is_prefill)
+                c.experts.append(r.n_activated)
+        return c
+
+
+def compare(calls: LayerCalls, predicted: Sequence[float], measured: Sequence[float]) -> dict[str, Any]:
+    """Per-layer and per-step error statistics, decode and prefill apart."""
+    if not len(predicted) == len(measured) == len(calls.step):
+        raise ValueError(f"{len(predicted)} predictions, {len(measured)} measurements, "
+                         f"{len(calls.step)} layer calls")
+    out: dict[str, Any] = {"per_layer": {}, "per_step": {}}
+    for phase, want in (("decode", False), ("prefill", True)):
+        idx = [i for i, p in enumerate(calls.prefill) if p == want]
+        out["per_layer"][phase] = error_stats([predicted[i] for i in idx], [measured[i] for i in idx])
+        step_p: dict[int, float] = {}
+        step_m: dict[int, float] = {}
+        for i in idx:
+            s = calls.step[i]
+            step_p[s] = step_p.get(s, 0.0) + predicted[i]
+            step_m[s] = step_m.get(s, 0.0) + measured[i]
+        out["per_step"][phase] = error_stats(list(step_p.values()), list(step_m.values()))
+    return out
+
+
+def finite_report(block: dict[str, Any]) -> bool:
+    """Every number in a compare() block is finite (None only where a phase has no calls)."""
+    for group in block.values():
+        for stats in group.values():
+            for v in stats.values():
+                if isinstance(v, float) and not math.isfinite(v):
+                    return False
+    return True
+
+
+def strategy_spec(name: str) -> StrategySpec:
+    spec = get_strategy(name)
+    if spec.clairvoyant:
+        raise ValueError(f"strategy {name} needs the future and exists only in the simulator; choose "
+                         f"from stock, static-frequency, lru-offload, hybrimoe-paper, hybrimoe")
+    return spec
+
+
+def goal_summary(stock: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the CPU tier (stock) meets +-20%: the median per-layer error of decode and of prefill."""
+    if stock is None:
+        return {"applies_to": CPU_ONLY, "evaluated": False}
+    res: dict[str, Any] = {"applies_to": f"{CPU_ONLY} (CPU tier only)", "evaluated": True,
+                           "criterion": "|median per-layer relative error| <= 20% for decode and prefill"}
+    for phase in ("decode", "prefill"):
+        med = stock["per_layer"][phase]["median"]
+        res[f"{phase}_met"] = None if med is None else abs(med) <= GOAL_REL
+        res[f"{phase}_excess_over_goal"] = None if med is None else round(max(0.0, abs(med) - GOAL_REL), 4)
+    return res
