@@ -19,7 +19,10 @@ COMMANDS = {
     "synth-trace": "synth_trace",
     "make-tiny-model": "make_tiny_model",
     "rules": "rules",
+    "serve": "serve",
     "fidelity": "fidelity",
+    "chat": "chat",
+    "ab": "ab",
 }
 
 

@@ -1,0 +1,133 @@
+"""``hybrimoe-kt chat``: talk to a hybrid model (the flags mirror ``ktransformers.local_chat``).
+
+With ``--prompt`` or ``--prompt-file`` it answers once; otherwise it reads one user turn per line from
+stdin until EOF or ``exit``, keeping the conversation through the tokenizer's chat template. Tokens
+are streamed to stdout; after each answer it prints prefill and decode speed, the GPU-tier hit rate,
+the CPU/GPU expert split, the bytes copied to the GPU tier, and what the GPU tier was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a hybrid model (streams tokens, prints speed and cache stats)",
+                       description=__doc__)
+    p.add_argument("--model-path", required=True, help="local Hugging Face model folder")
+    p.add_argument("--gguf-path", default=None, help="GGUF file or folder with the expert weights (not "
+                   "supported yet)")
+    p.add_argument("--optimize-config-path", required=True, help="optimize rules YAML (optimize_rules/*.yaml)")
+    p.add_argument("--prompt", default=None, help="answer this prompt once and exit")
+    p.add_argument("--prompt-file", default=None, help="answer the text of this file once and exit")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate per answer")
+    p.add_argument("--cpu-infer", type=int, default=None, metavar="T",
+                   help="CPU expert threads (overrides the rule file's cpu_threads)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw text (no chat template, no conversation history)")
+    p.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """User errors, before the (slow) model load."""
+    model = Path(args.model_path)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--model-path {model} is not a model folder (no config.json)")
+    if args.gguf_path is not None:
+        raise ValueError("--gguf-path is not supported yet: the experts are read from the model folder's "
+                         "safetensors; omit --gguf-path")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None and not Path(args.prompt_file).is_file():
+        raise ValueError(f"--prompt-file {args.prompt_file} does not exist")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.cpu_infer is not None and args.cpu_infer < 1:
+        raise ValueError(f"--cpu-infer must be >= 1 thread, got {args.cpu_infer}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, "
+                         f"{args.top_p}")
+
+
+def encode(tokenizer: Any, history: list[dict[str, str]], text: str, use_template: bool) -> list[int]:
+    """Prompt token ids: the conversation so far plus ``text`` through the chat template, or raw text."""
+    if use_template and getattr(tokenizer, "chat_template", None):
+        msgs = history + [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return list(tokenizer(text).input_ids)
+
+
+def stats_lines(result: Any, tier_label: str) -> list[str]:
+    c = result.counters
+    return [
+        f"prefill: {result.prompt_tokens} tokens in {result.prefill_s:.3f} s, {result.prefill_tok_s:.2f} tok/s",
+        f"decode: {result.new_tokens} tokens, {result.decode_tok_s:.2f} tok/s",
+        f"GPU-tier hit rate: {c.hit_rate:.1%} ({c.hits + c.late_hits} of {c.hits + c.late_hits + c.misses}); "
+        f"experts CPU/GPU: {c.cpu_experts}/{c.gpu_experts} ({c.gpu_share:.1%} on the GPU tier); "
+        f"copied {c.gb_copied:.4f} GB",
+        f"GPU tier: {tier_label}",
+    ]
+
+
+def answer(hm: Any, ids: list[int], args: argparse.Namespace) -> Any:
+    from hybrimoe_kt.kt.generation import generate
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate(hm, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed, on_text=emit)
+    print()
+    for line in stats_lines(result, hm.tier_label):
+        print(line)
+    return result
+
+
+def read_turn(stream: Any) -> Optional[str]:
+    """The next non-empty user line; None at EOF or 'exit'/'quit'."""
+    while True:
+        if stream.isatty():
+            print("Chat: ", end="", flush=True)
+        line = stream.readline()
+        if not line:
+            return None
+        text = line.strip()
+        if text in ("exit", "quit"):
+            return None
+        if text:
+            return text
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    from hybrimoe_kt.kt.rules import load_rules
+
+    load_rules(args.optimize_config_path)  # a bad rule file is a user error: fail before loading
+    from transformers.utils import logging as hf_logging
+
+    from hybrimoe_kt.kt.loader import load_hybrid
+
+    hf_logging.disable_progress_bar()
+    overrides = {"cpu_threads": args.cpu_infer} if args.cpu_infer is not None else None
+    hm = load_hybrid(args.model_path, args.optimize_config_path, overrides=overrides)
+    use_template = not args.no_chat_template
+    if args.prompt is not None or args.prompt_file is not None:
+        text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+        answer(hm, encode(hm.tokenizer, [], text, use_template), args)
+        return 0
+    history: list[dict[str, str]] = []
+    while (text := read_turn(sys.stdin)) is not None:
+        result = answer(hm, encode(hm.tokenizer, history, text, use_template), args)
+        if use_template:
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+    return 0
