@@ -20,6 +20,7 @@ COMMANDS = {
     "make-tiny-model": "make_tiny_model",
     "rules": "rules",
     "serve": "serve",
+    "serve": "serve",
     "fidelity": "fidelity",
     "chat": "chat",
     "ab": "ab",
