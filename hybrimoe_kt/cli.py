@@ -20,7 +20,6 @@ COMMANDS = {
     "make-tiny-model": "make_tiny_model",
     "rules": "rules",
     "serve": "serve",
-    "serve": "serve",
     "fidelity": "fidelity",
     "chat": "chat",
     "ab": "ab",
