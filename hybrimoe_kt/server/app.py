@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from hybrimoe_kt.server.engine import Engine, Job
 from hybrimoe_kt.server.protocol import (RequestError, decode_body, error_body, full_response, new_id, now,
-                                         parse_request, stream_chunk)
+                                         parse_request, stream_chunk, usage_chunk)
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._event(stream_chunk(req, rid, created, ev[1], None))
                 elif ev[0] == "done":
                     self._event(stream_chunk(req, rid, created, None, ev[1]))
+                    if req.include_usage:
+                        self._event(usage_chunk(req, rid, created, ev[2], ev[3]))
                     break
                 else:
                     self._event(error_body(ev[1], "server_error"))

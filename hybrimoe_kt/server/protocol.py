@@ -51,6 +51,7 @@ class GenRequest:
     seed: Optional[int]
     stop: tuple[str, ...]
     stream: bool
+    include_usage: bool        # stream_options.include_usage: a last chunk with usage and no choices
     ignore_eos: bool
 
 
@@ -161,9 +162,11 @@ def parse_request(body: dict[str, Any], kind: Kind, model_name: str, max_tokens_
     n = _typed(body, "n", (int,), "an integer", 1)
     if n != 1:
         raise RequestError(f"'n' must be 1 (one choice per request), got {n}", param="n")
+    options = _typed(body, "stream_options", (dict,), "an object", {})
+    include_usage = _typed(options, "include_usage", (bool,), "a boolean", False)
     return GenRequest(kind=kind, model=model_name, messages=messages, prompt=prompt, max_tokens=max_tokens,
                       temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body),
-                      stream=_typed(body, "stream", (bool,), "a boolean", False),
+                      stream=_typed(body, "stream", (bool,), "a boolean", False), include_usage=include_usage,
                       ignore_eos=_typed(body, "ignore_eos", (bool,), "a boolean", False))
 
 
@@ -204,6 +207,13 @@ def stream_chunk(req: GenRequest, rid: str, created: int, text: Optional[str], f
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice]}
+
+
+def usage_chunk(req: GenRequest, rid: str, created: int, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def now() -> int:
