@@ -23,6 +23,10 @@ class AdmissionRule(Protocol):
 
     def observe(self, routing: LayerRouting) -> None: ...
 
+    def worth(self, eid: ExpertId, policy: EvictionPolicy, bonus: float = 0.0) -> bool:
+        """False when no victim could make the copy worth it (checked before searching a victim)."""
+        ...
+
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
               bonus: float = 0.0) -> bool: ...
 
@@ -30,6 +34,9 @@ class AdmissionRule(Protocol):
 class _Stateless:
     def observe(self, routing: LayerRouting) -> None:
         pass
+
+    def worth(self, eid: ExpertId, policy: EvictionPolicy, bonus: float = 0.0) -> bool:
+        return True
 
 
 class AdmitAlways(_Stateless):
@@ -42,6 +49,9 @@ class AdmitAlways(_Stateless):
 
 class AdmitNever(_Stateless):
     name = "never"
+
+    def worth(self, eid: ExpertId, policy: EvictionPolicy, bonus: float = 0.0) -> bool:
+        return False
 
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
               bonus: float = 0.0) -> bool:
@@ -92,6 +102,10 @@ class AdmitExpectedReuse:
     def observe(self, routing: LayerRouting) -> None:
         if self.estimator is not None:
             self.estimator.on_route(routing)
+
+    def worth(self, eid: ExpertId, policy: EvictionPolicy, bonus: float = 0.0) -> bool:
+        """Rates are >= 0, so a free slot (victim score 0) is the best case."""
+        return (self.estimator or policy).score(eid) * self.horizon + bonus > self.threshold
 
     def admit(self, eid: ExpertId, victim: Optional[ExpertId], policy: EvictionPolicy,
               bonus: float = 0.0) -> bool:

@@ -119,11 +119,13 @@ class Controller:
                 break
             if eid in cache:
                 continue
+            bonus = pol.prefetcher.expected_uses(eid) if j >= n_misses else 0.0
+            if not pol.admission.worth(eid, pol.eviction, bonus):  # cheap test before a victim search
+                continue
             try:
                 victim = cache.choose_victim(eid[0], keep, end)
             except CacheFull:
                 continue
-            bonus = pol.prefetcher.expected_uses(eid) if j >= n_misses else 0.0
             if not pol.admission.admit(eid, victim, pol.eviction, bonus):
                 continue
             t = end if self._free else max(self.copy_free_at, end) + xfer

@@ -79,7 +79,7 @@ class HybridMoE:
         self._t0 = time.perf_counter()
         self._forward_index = 0
         self._last_layer = n_layers
-        self._slot_map = torch.full((n_experts,), -1, dtype=torch.int32)  # host [E]
+        self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
 
     @property
     def label(self) -> str:
@@ -126,42 +126,46 @@ class HybridMoE:
             pool.release(eid)
         # CPU tier: mask the experts the GPU serves, submit asynchronously
         backend = self.cpu[layer]
-        backend.gpu_mask.zero_()
-        if plan.gpu:
-            backend.gpu_mask[list(plan.gpu)] = True
-        x_cpu = x.to("cpu", torch.bfloat16).contiguous()
-        cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
         if plan.cpu:
+            mask = backend.gpu_mask
+            mask.zero_()
+            if plan.gpu:
+                mask[list(plan.gpu)] = True
+            x_cpu = x.to("cpu", torch.bfloat16).contiguous()
+            cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
             backend.submit(x_cpu, ids_cpu, w_cpu, cpu_out)
-        # demand loads, then the GPU experts from their slots
+        # demand loads, then the GPU experts from their slots; slot ids are built on the host (numpy,
+        # a few microseconds) and sent as one small copy - no device-side gathers, no syncs
         streamed = set(d.streamed)
-        slot_map = self._slot_map
-        slot_map.fill_(-1)
         for e in plan.loads:
             if e not in streamed:
                 pool.load((layer, e))
+        slot_of = self._slot_lut
+        slot_of.fill(-1)
         resident_slots = []
         for e in plan.gpu:
             if e not in streamed:
                 s = pool.slot_of((layer, e))
-                slot_map[e] = s
+                slot_of[e] = s
                 resident_slots.append(s)
-        out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=tier.device)
+        dev = tier.device
+        out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
         shared_out = shared(x) if shared is not None else None
+        if plan.gpu:
+            x_dev = x.to(dev)
+            w_dev = topk_weights.to(dev, torch.float32)
         if resident_slots:
             pool.before_compute(resident_slots)
-            slot_ids = slot_map.to(tier.device, non_blocking=True)[topk_ids.to(tier.device).long().clamp(min=0)]
-            slot_ids = torch.where(topk_ids.to(tier.device) >= 0, slot_ids, -1)
-            gpu_experts_forward(x.to(tier.device), slot_ids, topk_weights.to(tier.device, torch.float32),
-                                pool.weights, active_slots=resident_slots, out=out)
+            sid_np = np.where(ids_np >= 0, slot_of[np.maximum(ids_np, 0)], -1).astype(np.int32)  # [N, K]
+            slot_ids = torch.from_numpy(sid_np).to(dev, non_blocking=True)
+            gpu_experts_forward(x_dev, slot_ids, w_dev, pool.weights, active_slots=resident_slots, out=out)
             pool.after_compute(resident_slots)
         for e in plan.gpu:
             if e in streamed:  # no evictable slot: copy into scratch, compute, forget
                 s = pool.stream((layer, e))
                 pool.before_compute([s])
-                sid = torch.where(topk_ids.to(tier.device) == e, s, -1).to(torch.int32)
-                out += gpu_experts_forward(x.to(tier.device), sid, topk_weights.to(tier.device, torch.float32),
-                                           pool.weights, active_slots=[s])
+                sid = torch.from_numpy(np.where(ids_np == e, s, -1).astype(np.int32)).to(dev, non_blocking=True)
+                out += gpu_experts_forward(x_dev, sid, w_dev, pool.weights, active_slots=[s])
                 pool.after_compute([s])
         for eid in plan.prefetches:
             pool.load(eid)

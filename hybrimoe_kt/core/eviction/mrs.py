@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, lowest
+from hybrimoe_kt.core.eviction._common import check_dims
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
 
@@ -105,7 +105,10 @@ class MRS:
         """Scores survive eviction."""
 
     def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
-        return lowest(candidates, lambda eid: (float(self.scores[eid[0], eid[1]]),))
+        if not candidates:
+            raise ValueError("victim() needs at least one candidate")
+        v = self.scores
+        return min(candidates, key=lambda eid: (v[eid[0], eid[1]], eid))  # lowest, ties by id
 
     def score(self, eid: ExpertId) -> float:
         return float(self.scores[eid[0], eid[1]])

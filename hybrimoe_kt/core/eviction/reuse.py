@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, lowest
+from hybrimoe_kt.core.eviction._common import check_dims
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
 
@@ -64,8 +64,10 @@ class ReuseRate:
         """Rates survive eviction."""
 
     def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
-        rate = self.rate
-        return lowest(candidates, lambda eid: (float(rate[eid[0], eid[1]]),))
+        if not candidates:
+            raise ValueError("victim() needs at least one candidate")
+        v = self.rate
+        return min(candidates, key=lambda eid: (v[eid[0], eid[1]], eid))  # lowest, ties by id
 
     def score(self, eid: ExpertId) -> float:
         return float(self.rate[eid[0], eid[1]])

@@ -23,14 +23,12 @@ _NO_SCORES = np.zeros((0, 0), dtype=np.float32)
 class ImpactPrefetch:
     name = "impact"
 
-    def __init__(self, predictor: RoutingPredictor, depth: int = 2, discount: float = 0.7,
-                 extra_candidates: int = 2) -> None:
+    def __init__(self, predictor: RoutingPredictor, depth: int = 2, discount: float = 0.7) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.predictor = predictor
         self.depth = depth
         self.discount = discount
-        self.extra = extra_candidates
         self._rows = 1
         self._expected: dict[ExpertId, float] = {}
 
@@ -45,33 +43,37 @@ class ImpactPrefetch:
             return []
         k = view.top_k
         scored: list[tuple[float, ExpertId]] = []
+        rows = self._rows
         for d in range(1, self.depth + 1):
             target = (layer + d) % view.n_layers
             p = self.predictor.predict(target)
-            order = np.argsort(-p, kind="stable")[: k + self.extra]
-            top = [int(e) for e in order if p[e] > 0]
-            if not top:
+            order = np.argsort(-p, kind="stable")[:k]
+            predicted = [int(e) for e in order if p[e] > 0]
+            if not predicted:
                 continue
-            predicted = top[:k]
-            tokens = tuple(max(1, int(round(self._rows * min(1.0, p[e])))) for e in predicted)
-            routing = LayerRouting(target, tuple(predicted), tokens, self._rows, self._rows > 1,
-                                   _NO_IDS, _NO_SCORES)
+            probs = [float(p[e]) for e in predicted]
+            if rows == 1:
+                tokens: tuple[int, ...] = (1,) * len(predicted)
+            else:
+                tokens = tuple(max(1, int(round(rows * min(1.0, q)))) for q in probs)
+            routing = LayerRouting(target, tuple(predicted), tokens, rows, rows > 1, _NO_IDS, _NO_SCORES)
             resident = set(view.resident(target))
             base = view.scheduler.plan(routing, resident, view.cost).makespan_s
             weight = self.discount ** (d - 1)
-            for e in top:
+            gain_by_tokens: dict[int, float] = {}  # the gain depends only on the expert's token count
+            for e, q, n in zip(predicted, probs, tokens):
                 if e in resident:
                     continue
-                if e in predicted:
+                gain = gain_by_tokens.get(n)
+                if gain is None:
                     resident.add(e)
                     gain = base - view.scheduler.plan(routing, resident, view.cost).makespan_s
                     resident.discard(e)
-                else:  # outside the predicted top-k: value it like the weakest predicted expert
-                    gain = 0.0
-                impact = weight * float(p[e]) * gain
+                    gain_by_tokens[n] = gain
+                impact = weight * q * gain
                 if impact > 0:
                     scored.append((impact, (target, e)))
-                    self._expected[(target, e)] = min(1.0, float(p[e]))
+                    self._expected[(target, e)] = min(1.0, q)
         scored.sort(key=lambda x: (-x[0], x[1]))
         return [eid for _, eid in scored[:n_max]]
 
