@@ -113,15 +113,17 @@ def rel_errors(predicted: Sequence[float], measured: Sequence[float]) -> np.ndar
 
 
 def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, Any]:
-    """Median (signed), mean absolute, p90 absolute relative error, fraction within +-20%, medians."""
+    """Median (signed), mean absolute, p90 absolute relative error, fraction within +-20%, signed p10 and
+    p90 (p90: the error of the fastest tenth of the calls relative to their prediction), medians."""
     if len(measured) == 0:
         return {"n": 0, "median": None, "mean_abs": None, "p90_abs": None, "within_20pct": None,
-                "measured_median_ms": None, "predicted_median_ms": None}
+                "p10": None, "p90": None, "measured_median_ms": None, "predicted_median_ms": None}
     e = rel_errors(predicted, measured)
     a = np.abs(e)
     return {"n": int(e.size), "median": round(float(np.median(e)), 4),
             "mean_abs": round(float(a.mean()), 4), "p90_abs": round(float(np.percentile(a, 90)), 4),
             "within_20pct": round(float((a <= GOAL_REL).mean()), 4),
+            "p10": round(float(np.percentile(e, 10)), 4), "p90": round(float(np.percentile(e, 90)), 4),
             "measured_median_ms": round(1e3 * float(np.median(measured)), 4),
             "predicted_median_ms": round(1e3 * float(np.median(predicted)), 4)}
 

@@ -43,7 +43,7 @@ class FidelityConfig:
     prompt_len: int = 40                # synthetic trace: prefill tokens per request
     prefill_chunk: int = 16
     cache_ratio: float = 0.25
-    repeats: int = 3                    # stock runs; each layer call keeps its fastest
+    repeats: int = 5                    # stock runs; each layer call keeps its fastest
     warmup_steps: int = 4
     backend: str = "auto"
     threads: int = 1
@@ -95,12 +95,15 @@ def _replay_steps(rp: Any, n_decode: int) -> list[Any]:
     return out
 
 
-def _run_runtime(moe: Any, rp: Any, steps: list[Any], seed: int) -> list[float]:
+def _run_runtime(moe: Any, rp: Any, steps: list[Any], seed: int) -> tuple[list[float], float]:
+    """Wall time of every layer call, and this process's CPU time (all threads) over the run divided by
+    its wall time: well below the threads the run keeps busy means other processes took the CPU."""
     from hybrimoe_kt.runtime.harness import run_replay
 
     walls: list[float] = []
+    c0, t0 = time.process_time(), time.perf_counter()
     run_replay(moe, rp, steps, seed=seed, layer_wall=walls)
-    return walls
+    return walls, (time.process_time() - c0) / max(time.perf_counter() - t0, 1e-9)
 
 
 def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any]:
@@ -151,11 +154,13 @@ def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any
     for name in cfg.strategies:
         spec = strategy_spec(name)
         reps = cfg.repeats if name == CPU_ONLY else 1
-        runs, moe = [], None
+        runs, shares, moe = [], [], None
         for r in range(reps):
             moe = make(name)
             with torch.no_grad():
-                runs.append(_run_runtime(moe, rp, steps, cfg.seed + 1))
+                walls, share = _run_runtime(moe, rp, steps, cfg.seed + 1)
+            runs.append(walls)
+            shares.append(round(share, 3))
         measured = np.min(np.asarray(runs), axis=0).tolist()
         pred = simulate_layers(ssteps, cost, spec, counts, slots_for(spec, cfg.layers, shape.n_experts,
                                                                      cfg.cache_ratio), shape.top_k)
@@ -164,6 +169,7 @@ def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any
             "goal_applies": name == CPU_ONLY,
             "tiers": "CPU tier only (every routed expert on the CPU kernel)" if name == CPU_ONLY
                      else STANDIN_NOTE,
+            "process_cpu_per_wall": shares,
             "repeats": reps, "statistic": "min over repeats per layer call" if reps > 1 else "single run",
             **compare(calls, pred.layer_s, measured),
             "runtime_hit_rate": round(float(moe.cache.counters.hit_rate), 4) if moe else None,

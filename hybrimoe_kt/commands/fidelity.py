@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=40, help="synthetic trace: prompt tokens per request")
     p.add_argument("--prefill-chunk", type=int, default=16, help="prefill chunk size in tokens")
     p.add_argument("--cache-ratio", type=float, default=0.25, help="GPU cache size (fraction of experts)")
-    p.add_argument("--repeats", type=int, default=3, help="stock runs; each layer call keeps its fastest")
+    p.add_argument("--repeats", type=int, default=5, help="stock runs; each layer call keeps its fastest")
     p.add_argument("--backend", choices=("auto", "kt-kernel", "torch"), default="auto",
                    help="CPU expert kernel (auto: kt-kernel when importable)")
     p.add_argument("--threads", type=int, default=1, help="CPU kernel and torch threads")
@@ -56,7 +56,7 @@ def _frac(v: Any) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{'strategy':17s} {'level':6s} {'phase':8s} {'n':>4s} {'meas ms':>9s} {'pred ms':>9s} "
-             f"{'median':>7s} {'mean|e|':>7s} {'p90|e|':>7s} {'<=20%':>5s}  note"]
+             f"{'median':>7s} {'mean|e|':>7s} {'p90|e|':>7s} {'<=20%':>5s} {'p90':>7s}  note"]
     for name, row in report["strategies"].items():
         note = "CPU tier: goal +-20%" if row["goal_applies"] else "CPU stand-in GPU tier: informative only"
         for level in ("per_layer", "per_step"):
@@ -67,13 +67,18 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"{name:17s} {level[4:]:6s} {phase:8s} {s['n']:4d} "
                              f"{s['measured_median_ms']:9.3f} {s['predicted_median_ms']:9.3f} "
                              f"{_pct(s['median'])} {_abs(s['mean_abs']):>7s} {_abs(s['p90_abs']):>7s} "
-                             f"{_frac(s['within_20pct'])}  {note}")
+                             f"{_frac(s['within_20pct'])} {_pct(s['p90'])}  {note}")
+    shares = {n: r["process_cpu_per_wall"] for n, r in report["strategies"].items()}
+    lines.append(f"process CPU time / wall time per run (all threads; the CPU kernel's worker and the "
+                 f"Python thread): {shares}")
     g = report["goal"]
     if g.get("evaluated"):
         lines.append(f"goal ({g['criterion']}): decode {'met' if g['decode_met'] else 'NOT met'}"
                      f" (excess {_pct(g['decode_excess_over_goal']).strip()}), prefill "
                      f"{'met' if g['prefill_met'] else 'NOT met'} (excess "
                      f"{_pct(g['prefill_excess_over_goal']).strip()})")
+    lines.append("median/mean|e|/p90|e|: relative error (predicted - measured) / measured; p90: signed "
+                 "90th percentile (the fastest tenth of the calls)")
     lines.append(f"busy CPUs (other processes) before/after: {report['busy_cpus_before']} / "
                  f"{report['busy_cpus_after']}")
     return "\n".join(lines)
