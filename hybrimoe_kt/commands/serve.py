@@ -4,6 +4,7 @@ over a model loaded with an optimize-rules file; requests run one at a time on o
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 from pathlib import Path
 
@@ -58,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot listen on {args.host}:{port}: {e.strerror or e}") from None
     print(f"serving {name!r} ({hybrid.tier_label}) on http://{server.host}:{server.port}/v1 "
           f"(queue {queue_size}, max_tokens <= {limit}); Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: finish the engine, close the socket
     server.serve_forever()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_bind(host: str, port: int) -> None:
