@@ -48,6 +48,7 @@ class FidelityConfig:
     backend: str = "auto"
     threads: int = 1
     seed: int = 0
+    one_cpu_pool: bool = False          # diagnostic: every layer runs on layer 0's CPU backend
 
     def __post_init__(self) -> None:
         for f in ("layers", "hidden", "intermediate", "steps", "requests", "prefill_chunk", "repeats",
@@ -135,11 +136,17 @@ def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any
     load_before = os.getloadavg()[0]
     store = random_store(shape, seed=cfg.seed)
     t0 = time.perf_counter()
+    built = store.layers[:1] if cfg.one_cpu_pool else store.layers
     backends = [make_cpu_backend(cfg.backend, lw.gate, lw.up, lw.down, cfg.threads, top_k=shape.top_k,
-                                 max_len=max(cfg.prefill_chunk, 1)) for lw in store]
+                                 max_len=max(cfg.prefill_chunk, 1)) for lw in built]
+    if cfg.one_cpu_pool:  # one worker pool serves every layer (same shape, layer 0's weights)
+        backends = backends * cfg.layers
     t_build = time.perf_counter() - t0
     tier = Tier("cpu")
-    backend_desc = f"{backends[0].name} ({getattr(backends[0], 'variant', 'torch')}), {cfg.threads} thread(s)"
+    backend_desc = (f"{backends[0].name} ({getattr(backends[0], 'variant', 'torch')}), {cfg.threads} "
+                    f"thread(s), " + ("ONE backend for all layers (diagnostic: layer 0's weights serve "
+                                      "every layer; timings only)" if cfg.one_cpu_pool
+                                      else "one backend (worker pool) per layer"))
 
     def make(name: str) -> HybridMoE:
         spec = strategy_spec(name)

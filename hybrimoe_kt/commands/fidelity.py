@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backend", choices=("auto", "kt-kernel", "torch"), default="auto",
                    help="CPU expert kernel (auto: kt-kernel when importable)")
     p.add_argument("--threads", type=int, default=1, help="CPU kernel and torch threads")
+    p.add_argument("--one-cpu-pool", action="store_true",
+                   help="diagnostic: every layer runs on layer 0's CPU backend (one kt-kernel worker pool "
+                        "instead of one per layer); timings only, the outputs are not the stack's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, help="write the report to this JSON file")
     p.set_defaults(func=run)
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
                          strategies=tuple(s.strip() for s in args.strategy.split(",") if s.strip()),
                          steps=args.steps, requests=args.requests, prompt_len=args.prompt_len,
                          prefill_chunk=args.prefill_chunk, cache_ratio=args.cache_ratio,
-                         repeats=args.repeats, backend=args.backend, threads=args.threads, seed=args.seed)
+                         repeats=args.repeats, backend=args.backend, threads=args.threads, seed=args.seed,
+                         one_cpu_pool=args.one_cpu_pool)
     body = run_fidelity(cfg, profile)
     report = {**provenance(profile=args.profile, seed=args.seed), "profile_used": json.loads(profile.to_json()),
               **body}
