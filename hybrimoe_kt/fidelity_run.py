@@ -113,6 +113,7 @@ def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any
 
     from hybrimoe_kt.calibrate import busy_cpus
     from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
+    from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
     from hybrimoe_kt.runtime.device import Tier
     from hybrimoe_kt.runtime.harness import StackShape, random_store, run_replay
     from hybrimoe_kt.runtime.moe import HybridMoE
@@ -137,8 +138,10 @@ def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any
     store = random_store(shape, seed=cfg.seed)
     t0 = time.perf_counter()
     built = store.layers[:1] if cfg.one_cpu_pool else store.layers
+    workers = CpuWorkerPool(cfg.threads)  # one kt-kernel worker pool for all layers, as the runtime does
     backends = [make_cpu_backend(cfg.backend, lw.gate, lw.up, lw.down, cfg.threads, top_k=shape.top_k,
-                                 max_len=max(cfg.prefill_chunk, 1)) for lw in built]
+                                 max_len=max(cfg.prefill_chunk, 1), pool=workers, layer_idx=i)
+                for i, lw in enumerate(built)]
     if cfg.one_cpu_pool:  # one worker pool serves every layer (same shape, layer 0's weights)
         backends = backends * cfg.layers
     t_build = time.perf_counter() - t0

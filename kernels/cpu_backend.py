@@ -12,7 +12,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 
@@ -123,8 +123,11 @@ def kt_kernel_available() -> tuple[bool, str]:
 
 def make_cpu_backend(kind: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                      n_threads: int | None = None, *, top_k: int | None = None,
-                     max_len: int = 256) -> CpuExpertBackend:
-    """Build a CPU backend. ``auto`` picks kt-kernel when it imports, else torch (and logs why)."""
+                     max_len: int = 256, pool: Any = None, layer_idx: int = 0) -> CpuExpertBackend:
+    """Build a CPU backend. ``auto`` picks kt-kernel when it imports, else torch (and logs why).
+
+    ``pool``: a ``CpuWorkerPool`` shared by all layers of a model (kt-kernel only; one is made per
+    backend when omitted)."""
     if kind not in BACKEND_KINDS:
         raise ValueError(f"unknown CPU backend {kind!r}; use one of {', '.join(BACKEND_KINDS)}")
     threads = default_threads() if n_threads is None else n_threads
@@ -142,7 +145,8 @@ def make_cpu_backend(kind: str, gate: torch.Tensor, up: torch.Tensor, down: torc
             from hybrimoe_kt.kernels.cpu_ktkernel import KtKernelBackend
 
             log.info("CPU expert backend: kt-kernel (%s), %d thread(s)", detail, threads)
-            return KtKernelBackend(gate, up, down, threads, top_k=top_k, max_len=max_len)
+            return KtKernelBackend(gate, up, down, threads, top_k=top_k, max_len=max_len,
+                                   layer_idx=layer_idx, pool=pool)
         if kind == "kt-kernel":
             raise ValueError(f"CPU backend 'kt-kernel' is not usable: {detail}; install kt-kernel with "
                              f"'pip install --no-deps kt-kernel==0.7.2' if it is missing, or choose the "

@@ -41,9 +41,10 @@ from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.strategies import get_strategy, slots_for
 from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
+from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.provenance import provenance
 from hybrimoe_kt.runtime.device import Tier
-from hybrimoe_kt.runtime.harness import (RunRecord, StackShape, random_store, run_replay, summary_us,
+from hybrimoe_kt.runtime.harness import (StackShape, random_store, run_replay, summary_us,
                                          trivial_kernels)
 from hybrimoe_kt.runtime.moe import HybridMoE
 from hybrimoe_kt.runtime.replay import RoutingReplay
@@ -231,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     store = random_store(shape, seed=args.seed)
     t_fill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    backends = [make_cpu_backend(args.backend, lw.gate, lw.up, lw.down, 1, top_k=shape.top_k, max_len=512)
-                for lw in store]
+    workers = CpuWorkerPool(1)  # one kt-kernel worker pool for all layers, as the runtime does
+    backends = [make_cpu_backend(args.backend, lw.gate, lw.up, lw.down, 1, top_k=shape.top_k, max_len=512,
+                                 pool=workers, layer_idx=i) for i, lw in enumerate(store)]
     t_build = time.perf_counter() - t0
     backend_desc = f"{backends[0].name} ({getattr(backends[0], 'variant', 'torch')}), 1 thread"
     print(f"store filled in {t_fill:.1f} s; CPU backends ({backend_desc}) built in {t_build:.1f} s", flush=True)

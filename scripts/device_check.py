@@ -196,7 +196,8 @@ def ab(device: str, cpu_backend: str, dry: bool, budget: Budget, layers: int, de
     from hybrimoe_kt.core.cost import RooflineCost
     from hybrimoe_kt.core.hardware import load_profile
     from hybrimoe_kt.core.strategies import get_strategy, slots_for
-    from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
+    from hybrimoe_kt.kernels.cpu_backend import default_threads, make_cpu_backend
+    from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
     from hybrimoe_kt.runtime.device import Tier
     from hybrimoe_kt.runtime.harness import StackShape, random_store, run_replay, summary_us
     from hybrimoe_kt.runtime.moe import HybridMoE
@@ -215,8 +216,9 @@ def ab(device: str, cpu_backend: str, dry: bool, budget: Budget, layers: int, de
     t0 = time.perf_counter()
     store = random_store(shape, seed=0, pin=tier.is_cuda, device=tier.device if tier.is_cuda else None)
     threads = 1 if dry else None
-    backends = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, threads, top_k=shape.top_k,
-                                 max_len=512) for lw in store]
+    workers = CpuWorkerPool(threads or default_threads())  # one kt-kernel pool for all layers, as the runtime
+    backends = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, workers.n_threads, top_k=shape.top_k,
+                                 max_len=512, pool=workers, layer_idx=i) for i, lw in enumerate(store)]
     res: dict[str, Any] = {"tier": tier.label, "label": f"{tier.label}; random bf16 weights; {replay.label}",
                            "shape": shape.describe(), "cpu_backend": backends[0].name,
                            "setup_s": round(time.perf_counter() - t0, 1), "runs": []}

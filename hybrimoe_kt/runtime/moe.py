@@ -24,7 +24,8 @@ from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy
 from hybrimoe_kt.core.types import LayerRouting
-from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, make_cpu_backend
+from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, default_threads, make_cpu_backend
+from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.slots import SlotPool
@@ -70,8 +71,10 @@ class HybridMoE:
                 raise ValueError(f"cpu_backends has {len(cpu_backends)} layers, the store has {n_layers}")
             self.cpu = list(cpu_backends)
         else:
-            self.cpu = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, cpu_threads, top_k=top_k,
-                                         max_len=max_len) for lw in store]
+            workers = CpuWorkerPool(cpu_threads or default_threads())  # one kt-kernel pool for all layers
+            self.cpu = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, workers.n_threads, top_k=top_k,
+                                         max_len=max_len, pool=workers, layer_idx=i)
+                        for i, lw in enumerate(store)]
         self.cache.place(self.policies.placement)
         for eid in self.policies.placement:
             self.pool.load(eid)
