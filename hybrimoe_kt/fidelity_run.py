@@ -149,7 +149,7 @@ def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any
     backend_desc = (f"{backends[0].name} ({getattr(backends[0], 'variant', 'torch')}), {cfg.threads} "
                     f"thread(s), " + ("ONE backend for all layers (diagnostic: layer 0's weights serve "
                                       "every layer; timings only)" if cfg.one_cpu_pool
-                                      else "one backend (worker pool) per layer"))
+                                      else "one backend per layer, one shared worker pool"))
 
     def make(name: str) -> HybridMoE:
         spec = strategy_spec(name)
