@@ -12,6 +12,7 @@ signature is unchanged). Order of preference for ``auto`` and ``kt-kernel``:
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,10 +53,12 @@ def _kt_kernel_choice(layer: GgufLayerExperts) -> tuple[str | None, str]:
 
 def make_gguf_cpu_backend(kind: str, experts: GgufExperts | GgufLayerExperts, layer: int = 0,
                           n_threads: int | None = None, *, top_k: int | None = None,
-                          max_len: int = 256, cache_experts: int | None = None) -> CpuExpertBackend:
+                          max_len: int = 256, cache_experts: int | None = None,
+                          pool: Any = None) -> CpuExpertBackend:
     """Build a CPU backend for ``experts`` (one layer, or layer ``layer`` of a ``GgufExperts``).
 
     ``cache_experts`` bounds the torch fallback's cache of dequantised experts (default: its own).
+    ``pool``: a ``CpuWorkerPool`` shared by the model's layers (kt-kernel backends only).
     """
     if kind not in BACKEND_KINDS:
         raise ValueError(f"unknown CPU backend {kind!r}; use one of {', '.join(BACKEND_KINDS)}")
@@ -72,13 +75,13 @@ def make_gguf_cpu_backend(kind: str, experts: GgufExperts | GgufLayerExperts, la
             log.info("CPU expert backend (layer %d, %s): kt-kernel BF16 MoE (%s), %d thread(s)", layer,
                      types, detail, threads)
             return KtKernelBackend(_as_bf16(lx.gate), _as_bf16(lx.up), _as_bf16(lx.down), threads,
-                                   top_k=top_k, max_len=max_len, layer_idx=layer)
+                                   top_k=top_k, max_len=max_len, layer_idx=layer, pool=pool)
         if choice == "llamafile":
             from hybrimoe_kt.kernels.cpu_ktkernel_gguf import KtKernelGgufBackend
 
             log.info("CPU expert backend (layer %d, %s): kt-kernel llamafile MoE (%s), %d thread(s)",
                      layer, types, detail, threads)
-            return KtKernelGgufBackend(lx, threads, top_k=top_k, max_len=max_len, layer_idx=layer)
+            return KtKernelGgufBackend(lx, threads, top_k=top_k, max_len=max_len, layer_idx=layer, pool=pool)
         if kind == "kt-kernel":
             raise ValueError(f"CPU backend 'kt-kernel' is not usable for layer {layer} ({types}): "
                              f"{detail}; choose the 'torch' backend")

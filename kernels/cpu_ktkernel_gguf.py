@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import torch
 
-from hybrimoe_kt.kernels.cpu_ktkernel import KtKernelBackend
+from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool, KtKernelBackend
 from hybrimoe_kt.kernels.gguf_experts import GgufLayerExperts
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class KtKernelGgufBackend(KtKernelBackend):
     name = "kt-kernel"
 
     def __init__(self, experts: GgufLayerExperts, n_threads: int = 1, *, top_k: int | None = None,
-                 max_len: int = 256, layer_idx: int = 0):
+                 max_len: int = 256, layer_idx: int = 0, pool: CpuWorkerPool | None = None):
         # The base __init__ builds the BF16 MoE, so it is not called; this sets the same attributes.
         why = unsupported_gguf(experts)
         if why is not None:
@@ -102,7 +102,10 @@ class KtKernelGgufBackend(KtKernelBackend):
                           for t in (experts.gate, experts.up, experts.down))
         self.gpu_mask = torch.zeros(self.n_experts, dtype=torch.bool)  # [E], read at forward time
         self._p2l = torch.arange(self.n_experts, dtype=torch.int64)    # [E] physical -> logical ids
-        self._cpu = kx.CPUInfer(n_threads)
+        if pool is not None and pool.n_threads != n_threads:
+            raise ValueError(f"the shared worker pool has {pool.n_threads} threads, this backend wants {n_threads}")
+        self._pool = pool or CpuWorkerPool(n_threads)
+        self._cpu = self._pool.infer()
         cfg = kx.moe.MOEConfig(self.n_experts, self.top_k, self.hidden, self.intermediate,
                                self.gpu_mask.data_ptr())
         cfg.layer_idx = layer_idx

@@ -24,12 +24,13 @@ from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy
 from hybrimoe_kt.core.types import LayerRouting
-from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, default_threads, make_cpu_backend
+from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, default_threads
 from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.slots import SlotPool
 from hybrimoe_kt.runtime.store import HostExpertStore
+from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class RuntimeStats:
 
 
 class HybridMoE:
-    def __init__(self, store: HostExpertStore, tier: Tier, strategy: str | StrategySpec, slots: int,
-                 cost: CostModel, top_k: int, *, counts: Optional[np.ndarray] = None,
+    def __init__(self, store: HostExpertStore | GgufExpertStore, tier: Tier, strategy: str | StrategySpec,
+                 slots: int, cost: CostModel, top_k: int, *, counts: Optional[np.ndarray] = None,
                  cpu_backend: str = "auto", cpu_threads: Optional[int] = None, max_len: int = 512,
                  n_scratch: int = 2, cpu_backends: Optional[Sequence[CpuExpertBackend]] = None) -> None:
         spec = strategy if isinstance(strategy, StrategySpec) else get_strategy(strategy)
@@ -72,9 +73,8 @@ class HybridMoE:
             self.cpu = list(cpu_backends)
         else:
             workers = CpuWorkerPool(cpu_threads or default_threads())  # one kt-kernel pool for all layers
-            self.cpu = [make_cpu_backend(cpu_backend, lw.gate, lw.up, lw.down, workers.n_threads, top_k=top_k,
-                                         max_len=max_len, pool=workers, layer_idx=i)
-                        for i, lw in enumerate(store)]
+            self.cpu = [store.cpu_backend(i, cpu_backend, workers.n_threads, top_k, max_len, workers)
+                        for i in range(n_layers)]
         self.cache.place(self.policies.placement)
         for eid in self.policies.placement:
             self.pool.load(eid)

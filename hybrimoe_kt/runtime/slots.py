@@ -22,10 +22,11 @@ from hybrimoe_kt.core.types import ExpertId
 from hybrimoe_kt.kernels.slot_weights import SlotWeights, quantize_expert
 from hybrimoe_kt.runtime.device import Event, Tier
 from hybrimoe_kt.runtime.store import HostExpertStore
+from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
 
 
 class SlotPool:
-    def __init__(self, tier: Tier, store: HostExpertStore, n_slots: int, n_scratch: int = 2,
+    def __init__(self, tier: Tier, store: HostExpertStore | GgufExpertStore, n_slots: int, n_scratch: int = 2,
                  fmt: str = "bf16") -> None:
         if n_slots < 0 or n_scratch < 1:
             raise ValueError(f"slot pool needs n_slots >= 0 and n_scratch >= 1, got {n_slots}, {n_scratch}")
@@ -75,8 +76,7 @@ class SlotPool:
     def _copy(self, eid: ExpertId, s: int) -> None:
         layer, e = eid
         self.store.check(layer, e)
-        lw = self.store.layers[layer]
-        packed = quantize_expert(lw.gate[e], lw.up[e], lw.down[e], self.weights.fmt)  # bf16: views
+        packed = quantize_expert(*self.store.expert(layer, e), self.weights.fmt)  # bf16 store: views
         tier = self.tier
         with tier.copying():
             prev = self.last_read[s]

@@ -12,6 +12,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, make_cpu_backend
+
 
 @dataclass(frozen=True)
 class LayerWeights:
@@ -78,6 +80,16 @@ class HostExpertStore:
 
     def nbytes(self) -> int:
         return self.n_layers * self.n_experts * self.expert_bytes()
+
+    def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """bf16 views of one expert (the bytes a GPU slot copy reads): gate [I, H], up [I, H], down [H, I]."""
+        return self.layers[layer].expert(e)
+
+    def cpu_backend(self, layer: int, kind: str, n_threads: int, top_k: int, max_len: int,
+                    pool: object = None) -> "CpuExpertBackend":
+        lw = self.layers[layer]
+        return make_cpu_backend(kind, lw.gate, lw.up, lw.down, n_threads, top_k=top_k, max_len=max_len,
+                                pool=pool, layer_idx=layer)
 
     def check(self, layer: int, expert: int) -> None:
         if not (0 <= layer < self.n_layers and 0 <= expert < self.n_experts):

@@ -1,0 +1,53 @@
+"""Host expert store for GGUF models: routed experts kept as quantized GGUF blocks.
+
+The CPU kernels read the blocks directly (kt-kernel's llamafile MoE for Q4_K/Q5_K/Q6_K/Q8_0, a torch
+fallback otherwise), so the host holds each expert once, quantized. A GPU slot holds bf16 weights: an
+admitted expert is dequantized on the host when it is copied (``expert``), costing host time per copy
+but no second resident host copy; copies move bf16 bytes (``expert_bytes``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend
+from hybrimoe_kt.kernels.cpu_gguf_factory import make_gguf_cpu_backend
+from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts
+
+
+class GgufExpertStore:
+    def __init__(self, experts: GgufExperts, layer_ids: Sequence[int] | None = None) -> None:
+        ids = sorted(experts.layers) if layer_ids is None else list(layer_ids)
+        if not ids:
+            raise ValueError("the GGUF expert store needs at least one MoE layer")
+        self.layers: list[GgufLayerExperts] = [experts.layer(i) for i in ids]
+        self.layer_ids = ids
+        shapes = {(l.n_experts, l.intermediate, l.hidden) for l in self.layers}
+        if len(shapes) != 1:
+            raise ValueError(f"every MoE layer must have the same expert shapes, got {sorted(shapes)}")
+        self.n_experts, self.intermediate, self.hidden = shapes.pop()
+        self.n_layers = len(self.layers)
+
+    def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """bf16 weights of one expert, dequantized from its blocks: gate [I, H], up [I, H], down [H, I]."""
+        lx = self.layers[layer]
+        return tuple(t.dequantize(e).to(torch.bfloat16) for t in (lx.gate, lx.up, lx.down))  # type: ignore[return-value]
+
+    def cpu_backend(self, layer: int, kind: str, n_threads: int, top_k: int, max_len: int,
+                    pool: object = None) -> CpuExpertBackend:
+        return make_gguf_cpu_backend(kind, self.layers[layer], layer, n_threads, top_k=top_k,
+                                     max_len=max_len, pool=pool)
+
+    def expert_bytes(self) -> int:
+        """Bytes one slot copy moves (bf16 after dequantization)."""
+        return 3 * self.hidden * self.intermediate * 2
+
+    def quantized_bytes(self) -> int:
+        return sum(t.data.nbytes for lx in self.layers for t in (lx.gate, lx.up, lx.down))
+
+    def check(self, layer: int, expert: int) -> None:
+        if not (0 <= layer < self.n_layers and 0 <= expert < self.n_experts):
+            raise ValueError(f"expert ({layer}, {expert}) out of range: {self.n_layers} layers, "
+                             f"{self.n_experts} experts")
