@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a hybrid model (streams tokens, prints speed and cache stats)",
                        description=__doc__)
     p.add_argument("--model-path", required=True, help="local Hugging Face model folder")
-    p.add_argument("--gguf-path", default=None, help="GGUF file or folder with the expert weights (not "
-                   "supported yet)")
+    p.add_argument("--gguf-path", default=None, help="GGUF file (or folder with one) holding the routed "
+                   "experts, kept quantized for the CPU kernels; the rest comes from --model-path")
     p.add_argument("--optimize-config-path", required=True, help="optimize rules YAML (optimize_rules/*.yaml)")
     p.add_argument("--prompt", default=None, help="answer this prompt once and exit")
     p.add_argument("--prompt-file", default=None, help="answer the text of this file once and exit")
@@ -39,9 +39,8 @@ def check_args(args: argparse.Namespace) -> None:
     model = Path(args.model_path)
     if not (model / "config.json").is_file():
         raise ValueError(f"--model-path {model} is not a model folder (no config.json)")
-    if args.gguf_path is not None:
-        raise ValueError("--gguf-path is not supported yet: the experts are read from the model folder's "
-                         "safetensors; omit --gguf-path")
+    if args.gguf_path is not None and not Path(args.gguf_path).exists():
+        raise ValueError(f"--gguf-path {args.gguf_path} does not exist")
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
@@ -119,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     overrides = {"cpu_threads": args.cpu_infer} if args.cpu_infer is not None else None
-    hm = load_hybrid(args.model_path, args.optimize_config_path, overrides=overrides)
+    hm = load_hybrid(args.model_path, args.optimize_config_path, overrides=overrides, gguf_path=args.gguf_path)
     use_template = not args.no_chat_template
     if args.prompt is not None or args.prompt_file is not None:
         text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")

@@ -19,6 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", default="512", help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--queue-size", default="16", help="requests that may wait; more get HTTP 429 (default 16)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
+    p.add_argument("--gguf-path", default=None, help="GGUF file (or folder with one) holding the routed "
+                   "experts, kept quantized for the CPU kernels")
     p.set_defaults(func=run)
 
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     rules = Path(args.optimize_config_path)
     if not rules.is_file():
         raise ValueError(f"--optimize-config-path {args.optimize_config_path} is not a file")
+    if args.gguf_path is not None and not Path(args.gguf_path).exists():
+        raise ValueError(f"--gguf-path {args.gguf_path} does not exist")
     name = args.model_name or model_dir.resolve().name
     if not name:
         raise ValueError("--model-name must not be empty")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from hybrimoe_kt.server.app import Server
     from hybrimoe_kt.server.engine import Engine
 
-    hybrid = load_hybrid(model_dir, rules)
+    hybrid = load_hybrid(model_dir, rules, gguf_path=args.gguf_path)
     engine = Engine(hybrid, queue_size=queue_size)
     try:
         server = Server(engine, name, host=args.host, port=port, max_tokens_limit=limit)

@@ -37,8 +37,11 @@ class HybridModel:
 
 
 def load_hybrid(model_dir: str | Path, rules_path: str | Path, dtype: Optional[torch.dtype] = None,
-                progress: bool = True, overrides: Optional[Mapping[str, Any]] = None) -> HybridModel:
-    """``overrides``: runtime settings that replace the rule kwargs, e.g. ``{"cpu_threads": 4}``."""
+                progress: bool = True, overrides: Optional[Mapping[str, Any]] = None,
+                gguf_path: Optional[str | Path] = None) -> HybridModel:
+    """``overrides``: runtime settings that replace the rule kwargs, e.g. ``{"cpu_threads": 4}``.
+    ``gguf_path``: routed experts from this GGUF file (quantized on the CPU tier); the rest of the
+    weights, the config and the tokenizer come from ``model_dir``."""
     from hybrimoe_kt.kt.tiny import load_model
 
     t0 = time.perf_counter()
@@ -55,7 +58,7 @@ def load_hybrid(model_dir: str | Path, rules_path: str | Path, dtype: Optional[t
     report = apply_rules(model, rules, config=model.config)
     if bar is not None:
         bar.update(1)
-    runtime = attach_runtime(model, overrides=overrides)
+    runtime = attach_runtime(model, overrides=overrides, gguf_path=gguf_path)
     if bar is not None:
         bar.update(1)
         bar.close()

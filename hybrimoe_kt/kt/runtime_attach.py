@@ -18,6 +18,7 @@ from hybrimoe_kt.kt.operators import HybriMoEExperts, RuntimeSettings
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.moe import HybridMoE
 from hybrimoe_kt.runtime.store import HostExpertStore, LayerWeights
+from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,34 @@ def apply_overrides(s: RuntimeSettings, overrides: Optional[Mapping[str, Any]]) 
     return replace(s, **dict(overrides))
 
 
+def gguf_store(path: str | Path, layer_ids: list[int], n_experts: int) -> GgufExpertStore:
+    """The routed experts of the MoE layers ``layer_ids`` from a GGUF file (or the one .gguf in a folder)."""
+    from hybrimoe_kt.kernels.gguf_experts import GgufExperts
+    from hybrimoe_kt.kt.gguf_io import read_gguf_experts
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.gguf"))
+        if len(files) != 1:
+            raise ValueError(f"--gguf-path {p} must hold exactly one .gguf file, found {len(files)}")
+        p = files[0]
+    experts = GgufExperts.from_tensors(read_gguf_experts(p))
+    missing = sorted(set(layer_ids) - set(experts.layers))
+    if missing:
+        raise ValueError(f"GGUF file {p} has no routed experts for decoder layer(s) {missing}")
+    store = GgufExpertStore(experts, layer_ids)
+    if store.n_experts != n_experts:
+        raise ValueError(f"GGUF file {p} has {store.n_experts} experts per layer, the model {n_experts}")
+    return store
+
+
 def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
-                   overrides: Optional[Mapping[str, Any]] = None) -> Optional[HybridMoE]:
+                   overrides: Optional[Mapping[str, Any]] = None,
+                   gguf_path: Optional[str | Path] = None) -> Optional[HybridMoE]:
     """Gather every HybriMoEExperts operator of ``model`` into one HybridMoE; None if there is none.
-    ``overrides``: RuntimeSettings fields that replace what the rule kwargs say (same for all layers)."""
+    ``overrides``: RuntimeSettings fields that replace what the rule kwargs say (same for all layers).
+    ``gguf_path``: take the routed experts from this GGUF file (kept quantized for the CPU kernels;
+    blocks ``blk.<decoder layer>.ffn_*_exps``) instead of the model folder's weights."""
     ops = sorted((m for m in model.modules() if isinstance(m, HybriMoEExperts)), key=lambda m: m.layer_index)
     if not ops:
         return None
@@ -79,12 +104,16 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
     k = top_k or int(getattr(config, "num_experts_per_tok", 0) or 0)
     if k < 1:
         raise ValueError("cannot tell the model's top-k (config.num_experts_per_tok); pass top_k")
-    layers = []
-    for op in ops:
-        if op.weights is None:
-            raise ValueError(f"{op.key}: its weights were already handed to a runtime")
-        layers.append(LayerWeights(*op.weights))
-    store = HostExpertStore(layers)
+    store: HostExpertStore | GgufExpertStore
+    if gguf_path is not None:
+        store = gguf_store(gguf_path, [op.layer_index for op in ops], ops[0].n_experts)
+    else:
+        layers = []
+        for op in ops:
+            if op.weights is None:
+                raise ValueError(f"{op.key}: its weights were already handed to a runtime")
+            layers.append(LayerWeights(*op.weights))
+        store = HostExpertStore(layers)
     for op in ops:
         op.weights = None  # the store holds the only host copy
     spec = get_strategy(s.strategy)

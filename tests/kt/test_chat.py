@@ -56,7 +56,7 @@ def test_exit_ends_the_conversation(tiny_mixtral: Path, capsys: pytest.CaptureFi
 @pytest.mark.parametrize("extra, message", [
     (["--prompt", "a", "--prompt-file", "f.txt"], "not both"),
     (["--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--prompt", "a", "--gguf-path", "x.gguf"], "not supported yet"),
+    (["--prompt", "a", "--gguf-path", "x.gguf"], "does not exist"),
     (["--prompt", "a", "--cpu-infer", "0"], "--cpu-infer"),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_mixtral: Path, capsys: pytest.CaptureFixture, extra: list[str],
