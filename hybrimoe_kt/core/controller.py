@@ -1,16 +1,18 @@
 """The per-layer decision loop shared by the simulator and the runtime.
 
 For every MoE layer of every forward the executor calls ``decide(routing, now)`` and applies the
-returned ``Plan`` exactly; after the layer it reports how long it took with ``finish``. The controller
+returned ``Plan`` exactly; once the layer's kernels are dispatched it calls ``background()`` and queues
+the returned copies (so that deciding them overlaps the kernels instead of delaying them); after the
+layer it reports how long it took with ``finish``. The controller
 owns the expert cache, the strategy's policies and its own prediction of the copy queue (the times at
 which booked copies land, from the cost model): the simulator takes those times as truth, the runtime
 uses them for decisions and enforces ordering with real events.
 
 Order inside ``decide``: the eviction policy and admission rule see the routing; the cache counts hits;
 the scheduler splits the experts; demand loads take slots (evicting residents the layer does not use,
-or streaming through a scratch buffer when none can be freed); then background copies are chosen -
-CPU-served misses worth admitting and the prefetcher's proposals - while the copy queue is booked less
-than ``copy_horizon_layers`` layer-times past the layer's predicted end.
+or streaming through a scratch buffer when none can be freed). ``background`` then chooses CPU-served
+misses worth admitting and the prefetcher's proposals while the copy queue is booked less than
+``copy_horizon_layers`` layer-times past the layer's predicted end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hybrimoe_kt.core.cache import CacheFull, ExpertCache
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import Policies
-from hybrimoe_kt.core.types import ExpertId, LayerRouting, Plan
+from hybrimoe_kt.core.types import EMPTY_BACKGROUND, BackgroundPlan, ExpertId, LayerRouting, Plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +38,6 @@ class Decision:
     ready: dict[int, float]         # in-flight resident -> seconds after ``now`` until it lands
     streamed: tuple[int, ...]       # demand loads that found no slot (scratch buffer, not admitted)
     demand_copy_end: float          # copy queue end after demand loads, before background copies
-    background_landing: tuple[float, ...]  # landing time of each of plan.prefetches
 
 
 class Controller:
@@ -53,13 +54,15 @@ class Controller:
         self._free = self.spec.free_transfers
         self._xfer = 0.0 if self._free else cost.transfer()
         self._view = _View(self)
+        self._pending: tuple | None = None  # what background() needs from the last decide()
 
     def decide(self, routing: LayerRouting, now: float, gpu_free: float = 0.0,
                is_prefill: bool = False) -> Decision:
         """Plan one layer whose MoE part starts at ``now``; the GPU is busy for ``gpu_free`` first."""
         pol, cache, layer = self.policies, self.cache, routing.layer
-        pol.eviction.on_route(routing)
-        pol.admission.observe(routing)
+        if self.spec.uses_gpu_cache:  # without a GPU cache there is nothing to rank or admit
+            pol.eviction.on_route(routing)
+            pol.admission.observe(routing)
         h, lh, m = cache.account(layer, routing.experts, now)
         in_use = {(layer, e) for e in routing.experts}
         ready = cache.in_flight(layer, now)
@@ -81,15 +84,26 @@ class Controller:
             if victim is not None:
                 evictions.append(victim)
         demand_end = self.copy_free_at
-        pol.prefetcher.observe(routing)
+        if self.spec.uses_gpu_cache:
+            pol.prefetcher.observe(routing)
         # experts this layer uses or this plan admits are never background victims: the executor
         # frees evicted slots before it loads and computes, so such a victim would have no slot
         keep = in_use | {(layer, e) for e in split.loads}
-        prefetches, bg_landing = self._background(routing, split.cpu, now + split.makespan_s,
-                                                  is_prefill, evictions, keep)
-        plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), tuple(prefetches),
-                    split.makespan_s)
-        return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end, tuple(bg_landing))
+        self._pending = (routing, split.cpu, now + split.makespan_s, is_prefill, keep)
+        plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), split.makespan_s)
+        return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end)
+
+    def background(self) -> BackgroundPlan:
+        """Background copies for the layer last passed to ``decide`` (once; empty when called again)."""
+        if self._pending is None:
+            return EMPTY_BACKGROUND
+        routing, cpu, end, is_prefill, keep = self._pending
+        self._pending = None
+        evictions: list[ExpertId] = []
+        copies, landing = self._background(routing, cpu, end, is_prefill, evictions, keep)
+        if not copies:
+            return EMPTY_BACKGROUND
+        return BackgroundPlan(routing.layer, tuple(copies), tuple(evictions), tuple(landing))
 
     def finish(self, layer_time: float) -> None:
         """Report the layer's measured (or simulated) time, non-MoE part included."""

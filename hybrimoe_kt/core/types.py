@@ -107,11 +107,10 @@ class Split:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Everything the executor (runtime or simulator) does for one layer and one forward.
+    """What the executor (runtime or simulator) does for one layer and one forward, before it computes.
 
-    ``gpu``/``cpu``/``loads`` come from the Split. ``evictions`` free slots for ``loads`` and
-    ``prefetches`` (in that order). ``prefetches`` are background copies that this forward does not
-    wait for: experts of later layers, or misses of this layer admitted after the CPU served them.
+    ``gpu``/``cpu``/``loads`` come from the Split; ``evictions`` free the slots the loads take.
+    Background copies are decided separately (``BackgroundPlan``), while the layer's kernels run.
     """
 
     layer: int
@@ -119,5 +118,19 @@ class Plan:
     cpu: tuple[int, ...]
     loads: tuple[int, ...]
     evictions: tuple[ExpertId, ...]
-    prefetches: tuple[ExpertId, ...]
     predicted_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundPlan:
+    """Copies queued after a layer was dispatched, which no kernel of that layer waits for: CPU-served
+    misses being admitted and prefetches of later layers. ``evictions`` free their slots (in order);
+    ``landing`` is each copy's predicted arrival time."""
+
+    layer: int
+    copies: tuple[ExpertId, ...]
+    evictions: tuple[ExpertId, ...]
+    landing: tuple[float, ...]
+
+
+EMPTY_BACKGROUND = BackgroundPlan(-1, (), (), ())

@@ -42,6 +42,7 @@ class RuntimeStats:
     forwards: int = 0
     decide_s: float = 0.0      # controller time (plan, cache, policies)
     dispatch_s: float = 0.0    # host time from the plan to the last queued kernel/copy
+    background_s: float = 0.0  # deciding and queueing background copies, while the kernels run
     wait_s: float = 0.0        # waiting for the CPU tier and the sum
     gpu_experts: int = 0
     cpu_experts: int = 0
@@ -170,9 +171,14 @@ class HybridMoE:
                 sid = torch.from_numpy(np.where(ids_np == e, s, -1).astype(np.int32)).to(dev, non_blocking=True)
                 out += gpu_experts_forward(x_dev, sid, w_dev, pool.weights, active_slots=[s])
                 pool.after_compute([s])
-        for eid in plan.prefetches:
-            pool.load(eid)
         t_dispatch = time.perf_counter()
+        # background copies are decided while the kernels run, then queued behind the demand loads
+        bg = self.controller.background()
+        for eid in bg.evictions:
+            pool.release(eid)
+        for eid in bg.copies:
+            pool.load(eid)
+        t_background = time.perf_counter()
         if plan.cpu:
             backend.sync()
             out += cpu_out.to(tier.device, torch.float32)
@@ -185,7 +191,8 @@ class HybridMoE:
         st.forwards += 1
         st.decide_s += t_plan - t_start
         st.dispatch_s += t_dispatch - t_plan
-        st.wait_s += t_end - t_dispatch
+        st.background_s += t_background - t_dispatch
+        st.wait_s += t_end - t_background
         st.gpu_experts += len(plan.gpu)
         st.cpu_experts += len(plan.cpu)
         st.streamed += len(streamed)

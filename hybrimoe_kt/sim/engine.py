@@ -96,6 +96,7 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
             shared = cost.shared(n)
             d = ctl.decide(r, now, shared, step.is_prefill)
             plan = d.plan
+            bg = ctl.background()
             st.hits += d.hits
             st.late_hits += d.late_hits
             st.misses += d.misses
@@ -103,10 +104,10 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
                 st.decode_hits += d.hits
                 st.decode_late_hits += d.late_hits
                 st.decode_misses += d.misses
-            n_copies = len(plan.loads) + len(plan.prefetches)
+            n_copies = len(plan.loads) + len(bg.copies)
             st.demand_loads += len(plan.loads)
             st.streamed_loads += len(d.streamed)
-            st.background_copies += len(plan.prefetches)
+            st.background_copies += len(bg.copies)
             if not free:
                 st.copy_busy_s += n_copies * xfer
                 st.bytes_copied += n_copies * nbytes
