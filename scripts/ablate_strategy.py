@@ -20,6 +20,13 @@ from hybrimoe_kt.sim.runner import SimSetup, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec
 
 VARIANTS = {
+    # relative to the current hybrimoe strategy (tried 2026-11-28: all within +-2% of it, except a
+    # global pool: +1-2% decode but 22-55% slower prefill, and threshold 0.5: up to -3%)
+    "global": dict(pool="global"),
+    "alpha0.3": dict(mrs_alpha=0.3),
+    "horizon8": dict(copy_horizon_layers=8.0),
+    "halflife64": dict(reuse_half_life=64.0),
+    "threshold0.5": dict(admission_margin=0.5),
     "A-nobgpre": dict(background_in_prefill=False),
     "B-reuse-h4-nobgpre": dict(eviction="reuse", admission="expected-reuse", admission_margin=1.0,
                                copy_horizon_layers=4.0, background_in_prefill=False),
