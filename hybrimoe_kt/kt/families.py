@@ -183,6 +183,11 @@ def route(block: Any, hidden: Any, spec: Optional[FamilySpec] = None) -> tuple[A
     return ids.gather(1, order).long(), weights.gather(1, order).float()
 
 
+def block_spec(block: Any) -> FamilySpec:
+    """The family of a MoE block module, by its class name."""
+    return _spec_of_block(block)
+
+
 def _spec_of_block(block: Any) -> FamilySpec:
     name = type(block).__name__
     for spec in FAMILIES.values():

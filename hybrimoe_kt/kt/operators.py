@@ -114,3 +114,55 @@ class StaticExperts(HybriMoEExperts):
     """A fixed GPU expert set chosen by calibration frequency (kt-kernel's experts-sched)."""
 
     DEFAULT_STRATEGY = "static-frequency"
+
+
+class HybriMoEBlock(HybriMoEExperts):
+    """Replaces a family's whole MoE block (``model.layers.<i>.mlp``), the kTransformers MoE-block
+    operator: the family's router runs through the routing adapter of ``families.py`` (softmax or
+    sigmoid, grouped top-k, renormalisation, scaling), the routed experts through the shared runtime,
+    and the shared expert (with its sigmoid gate where the family has one) runs on the GPU tier between
+    the CPU experts' submit and sync, overlapping them. Same kwargs as ``HybriMoEExperts``."""
+
+    def __init__(self, key: str, gguf_loader: Any, config: Any, orig_module: torch.nn.Module,
+                 prefill_device: str = "cpu", generate_device: str = "cpu", **kwargs: Any) -> None:
+        from hybrimoe_kt.kt.families import block_spec
+
+        spec = block_spec(orig_module)
+        super().__init__(key, gguf_loader, config, getattr(orig_module, spec.experts_attr),
+                         prefill_device, generate_device, **kwargs)
+        self.family = spec
+        self.gate = getattr(orig_module, spec.router_attr)  # the attribute name route() reads
+        self.shared_expert = getattr(orig_module, spec.shared_attr) if spec.shared_attr else None
+        self.shared_expert_gate = getattr(orig_module, spec.shared_gate_attr) if spec.shared_gate_attr else None
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.shared_expert is not None
+        out = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(x)) * out
+        return out
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from hybrimoe_kt.kt.families import route
+
+        if self.runtime is None:
+            raise RuntimeError(f"{self.key}: no runtime attached; call attach_runtime(model) after "
+                               f"applying the rules")
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])                                  # [N, H]
+        ids, weights = route(self, x, self.family)                         # [N, k], [N, k]
+        shared = self._shared if self.shared_expert is not None else None
+        out = self.runtime.forward(self.moe_index, x, ids, weights, shared=shared)
+        return out.reshape(shape)
+
+
+class StockBlock(HybriMoEBlock):
+    """kTransformers' default rules as a block operator: every routed expert on the CPU kernel."""
+
+    DEFAULT_STRATEGY = "stock"
+
+
+class StaticBlock(HybriMoEBlock):
+    """A fixed GPU expert set chosen by calibration frequency, as a block operator."""
+
+    DEFAULT_STRATEGY = "static-frequency"

@@ -74,3 +74,22 @@ def test_rules_keep_greedy_tokens(family: str, tiny_dirs: dict[str, Path]) -> No
             assert st.gpu_experts == 0
         else:
             assert st.gpu_experts > 0
+
+
+def test_experts_operator_alone(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The lighter operator that replaces only the block's experts module (the family's own router and
+    shared expert stay) gives the same logits as the block operator."""
+    family = "qwen2-moe"
+    rules = tmp_path / "experts.yaml"
+    rules.write_text(
+        '- match:\n    name: "^model\\\\.layers\\\\.\\\\d+\\\\.mlp\\\\.experts$"\n'
+        "    class: transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts\n"
+        "  replace:\n    class: hybrimoe_kt.kt.operators.HybriMoEExperts\n"
+        "    kwargs: {cache_ratio: 0.25}\n")
+    _, tok = load_model(tiny_dirs[family])
+    ids = tok("the quick brown fox", return_tensors="pt").input_ids
+    a = load_hybrid(tiny_dirs[family], rules, progress=False)
+    b = load_hybrid(tiny_dirs[family], REPO / "optimize_rules" / "Qwen2-MoE-hybrimoe.yaml", progress=False)
+    assert not any(type(m).__name__ == "HybriMoEBlock" for m in a.model.modules())
+    la, lb = logits(a.model, ids), logits(b.model, ids)
+    assert float((la - lb).norm() / lb.norm()) < 1e-2
