@@ -1,4 +1,6 @@
-"""The HybriMoE experts operator: one class for every model family.
+"""The HybriMoE operators, one class each for every model family: ``HybriMoEBlock`` replaces a whole
+MoE block (what the shipped rule files use); ``HybriMoEExperts`` replaces only the block's experts
+module.
 
 In transformers 5.x every supported family's MoE block calls ``self.experts(x [N, H], top_k_index
 [N, k], top_k_weights [N, k]) -> [N, H]`` after its own router - kTransformers' experts-operator
