@@ -50,6 +50,11 @@ class RuntimeStats:
     per_layer_host_s: list[float] = field(default_factory=list)
 
 
+def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on the host in ``dtype`` (no copy when it already is)."""
+    return t if t.device.type == "cpu" and t.dtype == dtype else t.to("cpu", dtype)
+
+
 class HybridMoE:
     def __init__(self, store: HostExpertStore | GgufExpertStore, tier: Tier, strategy: str | StrategySpec,
                  slots: int, cost: CostModel, top_k: int, *, counts: Optional[np.ndarray] = None,
@@ -114,12 +119,17 @@ class HybridMoE:
             self._forward_index += 1
         self._last_layer = layer
         self.clock.now = self._forward_index * self.store.n_layers + layer
-        ids_cpu = topk_ids.to("cpu", torch.int64)        # [N, K] the one device-to-host copy
-        w_cpu = topk_weights.to("cpu", torch.float32)    # [N, K]
+        ids_cpu = _host(topk_ids, torch.int64)        # [N, K] the one device-to-host copy
+        w_cpu = _host(topk_weights, torch.float32)    # [N, K]
         ids_np = ids_cpu.numpy()
-        if ids_np.size and (ids_np.max() >= self.store.n_experts or ids_np.min() < -1):
-            raise ValueError(f"topk_ids must be in -1..{self.store.n_experts - 1}, got "
-                             f"{int(ids_np.min())}..{int(ids_np.max())}")
+        if ids_np.size:
+            if ids_np.size <= 64:  # decode: plain Python beats two numpy reductions
+                flat = ids_np.ravel().tolist()
+                lo, hi = min(flat), max(flat)
+            else:
+                lo, hi = int(ids_np.min()), int(ids_np.max())
+            if hi >= self.store.n_experts or lo < -1:
+                raise ValueError(f"topk_ids must be in -1..{self.store.n_experts - 1}, got {int(lo)}..{int(hi)}")
         n = x.shape[0]
         routing = LayerRouting.from_topk(layer, ids_np, w_cpu.numpy(), is_prefill=n > 1)
         d = self.controller.decide(routing, t_start - self._t0, 0.0, n > 1)
@@ -153,7 +163,7 @@ class HybridMoE:
                 slot_of[e] = s
                 resident_slots.append(s)
         dev = tier.device
-        out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
+        out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev) if plan.gpu or shared else None
         shared_out = shared(x) if shared is not None else None
         if plan.gpu:
             x_dev = x.to(dev)
@@ -179,12 +189,18 @@ class HybridMoE:
         for eid in bg.copies:
             pool.load(eid)
         t_background = time.perf_counter()
-        if plan.cpu:
-            backend.sync()
-            out += cpu_out.to(tier.device, torch.float32)
-        if shared_out is not None:
-            out += shared_out.to(torch.float32)
-        result = out.to(x.dtype)
+        if plan.cpu and not plan.gpu and shared_out is None:
+            backend.sync()  # CPU tier only: its output is the result
+            result = cpu_out.to(dev, x.dtype)
+        else:
+            if out is None:  # no routed expert activated (all ids -1) and no shared expert
+                out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
+            if plan.cpu:
+                backend.sync()
+                out += cpu_out.to(dev, torch.float32)
+            if shared_out is not None:
+                out += shared_out.to(torch.float32)
+            result = out.to(x.dtype)
         t_end = time.perf_counter()
         self.controller.finish(t_end - t_start)
         st = self.stats

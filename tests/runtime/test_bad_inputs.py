@@ -21,6 +21,10 @@ def moe() -> HybridMoE:
 CASES = {
     "id out of range": (0, torch.zeros(1, H, dtype=torch.bfloat16), torch.tensor([[0, E]]), torch.ones(1, K) / K,
                         "topk_ids must be in"),
+    "id out of range in a large batch": (0, torch.zeros(40, H, dtype=torch.bfloat16),
+                                         torch.cat([torch.zeros(39, K, dtype=torch.long),
+                                                    torch.tensor([[1, E + 3]])]), torch.ones(40, K) / K,
+                                         "topk_ids must be in"),
     "negative id below -1": (0, torch.zeros(1, H, dtype=torch.bfloat16), torch.tensor([[0, -2]]),
                              torch.ones(1, K) / K, "topk_ids must be in"),
     "hidden size": (0, torch.zeros(1, H + 1, dtype=torch.bfloat16), torch.tensor([[0, 1]]), torch.ones(1, K) / K,

@@ -15,7 +15,7 @@ from typing import Collection, Mapping
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import EMPTY_READY
 from hybrimoe_kt.core.schedulers.costtable import CostTableCache
-from hybrimoe_kt.core.schedulers.makespan import canonical_queue, prefix_split
+from hybrimoe_kt.core.schedulers.makespan import canonical_queue, ends_from_times, prefix_split
 from hybrimoe_kt.core.types import LayerRouting, Split
 
 
@@ -30,8 +30,13 @@ class StockScheduler:
     def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
              ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
              gpu_free: float = 0.0) -> Split:
-        return prefix_split((), (), routing.experts, routing.tokens, 0, 0, self._tables.get(cost),
-                            ready, copy_free, gpu_free)
+        experts = routing.experts
+        if not experts:
+            return Split((), (), (), 0.0)
+        t = self._tables.get(cost)
+        # all on the CPU: the shared rules reduce to the CPU end
+        cpu_end, _ = ends_from_times((), (), [t.cpu_time(n) for n in routing.tokens], t.cpu_call, t.gpu_call)
+        return Split((), experts, (), cpu_end)
 
 
 class StaticScheduler:
