@@ -81,6 +81,7 @@ class HybridMoE:
             workers = CpuWorkerPool(cpu_threads or default_threads())  # one kt-kernel pool for all layers
             self.cpu = [store.cpu_backend(i, cpu_backend, workers.n_threads, top_k, max_len, workers)
                         for i in range(n_layers)]
+        self._masks = [b.gpu_mask.numpy() for b in self.cpu]  # [E] bool views, shared memory
         self.cache.place(self.policies.placement)
         for eid in self.policies.placement:
             self.pool.load(eid)
@@ -141,11 +142,11 @@ class HybridMoE:
         # CPU tier: mask the experts the GPU serves, submit asynchronously
         backend = self.cpu[layer]
         if plan.cpu:
-            mask = backend.gpu_mask
-            mask.zero_()
+            mask = self._masks[layer]  # numpy view of the backend's gpu_mask: written in place
+            mask[:] = False
             if plan.gpu:
                 mask[list(plan.gpu)] = True
-            x_cpu = x.to("cpu", torch.bfloat16).contiguous()
+            x_cpu = _host(x, torch.bfloat16).contiguous()
             cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
             backend.submit(x_cpu, ids_cpu, w_cpu, cpu_out)
         # demand loads, then the GPU experts from their slots; slot ids are built on the host (numpy,
