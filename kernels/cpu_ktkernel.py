@@ -121,17 +121,7 @@ class KtKernelBackend:
         self._gate = gate.contiguous()      # [E, I, H]
         self._up = up.contiguous()          # [E, I, H]
         self._down = down.contiguous()      # [E, H, I]
-        self.gpu_mask = torch.zeros(self.n_experts, dtype=torch.bool)  # [E], read at forward time
-        self._p2l = torch.arange(self.n_experts, dtype=torch.int64)    # [E] physical -> logical ids
-        if pool is not None and pool.n_threads != n_threads:
-            raise ValueError(f"the shared worker pool has {pool.n_threads} threads, this backend wants {n_threads}")
-        self._pool = pool or CpuWorkerPool(n_threads)
-        self._cpu = self._pool.infer()
-        cfg = kx.moe.MOEConfig(self.n_experts, self.top_k, self.hidden, self.intermediate,
-                               self.gpu_mask.data_ptr())
-        cfg.layer_idx = layer_idx
-        cfg.pool = self._cpu.backend_
-        cfg.max_len = max_len
+        cfg = self._moe_config(kx, n_threads, layer_idx, max_len, pool)
         cfg.gate_proj = self._gate.data_ptr()
         cfg.up_proj = self._up.data_ptr()
         cfg.down_proj = self._down.data_ptr()
@@ -143,6 +133,23 @@ class KtKernelBackend:
         self._pending: list[torch.Tensor] = []  # tensors used by submitted, not yet synced tasks
         log.debug("kt-kernel backend ready: %s, E=%d H=%d I=%d top_k=%d threads=%d", self.variant,
                   self.n_experts, self.hidden, self.intermediate, self.top_k, n_threads)
+
+    def _moe_config(self, kx: ModuleType, n_threads: int, layer_idx: int, max_len: int,
+                    pool: CpuWorkerPool | None) -> Any:
+        """The MOEConfig every kt-kernel backend starts from: the GPU mask, the (shared) worker pool,
+        the sizes. Sets ``gpu_mask``, ``_p2l``, ``_pool`` and ``_cpu``; the caller adds the weights."""
+        self.gpu_mask = torch.zeros(self.n_experts, dtype=torch.bool)  # [E], read at forward time
+        self._p2l = torch.arange(self.n_experts, dtype=torch.int64)    # [E] physical -> logical ids
+        if pool is not None and pool.n_threads != n_threads:
+            raise ValueError(f"the shared worker pool has {pool.n_threads} threads, this backend wants {n_threads}")
+        self._pool = pool or CpuWorkerPool(n_threads)
+        self._cpu = self._pool.infer()
+        cfg = kx.moe.MOEConfig(self.n_experts, self.top_k, self.hidden, self.intermediate,
+                               self.gpu_mask.data_ptr())
+        cfg.layer_idx = layer_idx
+        cfg.pool = self._cpu.backend_
+        cfg.max_len = max_len
+        return cfg
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                out: torch.Tensor) -> None:

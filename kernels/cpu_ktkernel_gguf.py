@@ -100,17 +100,7 @@ class KtKernelGgufBackend(KtKernelBackend):
         # Raw GGUF blocks, uint8 [E, O, row bytes]; referenced for the extension objects' whole life.
         self._raw = tuple(np.ascontiguousarray(t.data)
                           for t in (experts.gate, experts.up, experts.down))
-        self.gpu_mask = torch.zeros(self.n_experts, dtype=torch.bool)  # [E], read at forward time
-        self._p2l = torch.arange(self.n_experts, dtype=torch.int64)    # [E] physical -> logical ids
-        if pool is not None and pool.n_threads != n_threads:
-            raise ValueError(f"the shared worker pool has {pool.n_threads} threads, this backend wants {n_threads}")
-        self._pool = pool or CpuWorkerPool(n_threads)
-        self._cpu = self._pool.infer()
-        cfg = kx.moe.MOEConfig(self.n_experts, self.top_k, self.hidden, self.intermediate,
-                               self.gpu_mask.data_ptr())
-        cfg.layer_idx = layer_idx
-        cfg.pool = self._cpu.backend_
-        cfg.max_len = max_len
+        cfg = self._moe_config(kx, n_threads, layer_idx, max_len, pool)
         cfg.m_block = M_BLOCK
         cfg.group_min_len = GROUP_MIN_LEN
         cfg.group_max_len = max_len     # sizes the grouped path's buffers; calls are chunked to it
