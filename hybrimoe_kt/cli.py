@@ -31,7 +31,10 @@ class UserError(Exception):
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybrimoe-kt", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="hybrimoe-kt",
+        description="Hybrid CPU-GPU inference of Mixture-of-Experts models (HybriMoE as a kTransformers "
+                    "plugin): chat, serve and A/B rule files; simulate, calibrate and inspect routing.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
