@@ -15,7 +15,8 @@ from typing import Collection, Mapping
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import EMPTY_READY
 from hybrimoe_kt.core.schedulers.costtable import CostTableCache
-from hybrimoe_kt.core.schedulers.makespan import canonical_queue, ends_from_times, prefix_split
+from hybrimoe_kt.core.schedulers.makespan import ends_from_times
+from hybrimoe_kt.core.schedulers.prefix import PrefixScheduler
 from hybrimoe_kt.core.types import LayerRouting, Split
 
 
@@ -39,33 +40,19 @@ class StockScheduler:
         return Split((), experts, (), cpu_end)
 
 
-class StaticScheduler:
+class StaticScheduler(PrefixScheduler):
     """Resident experts on the GPU (late hits wait for their copy), the others on the CPU."""
 
     name = "static"
 
-    def __init__(self) -> None:
-        self._tables = CostTableCache()
-
-    def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
-             ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
-             gpu_free: float = 0.0) -> Split:
-        res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
-        return prefix_split(res, res_n, unc, unc_n, len(res), 0, self._tables.get(cost), ready,
-                            copy_free, gpu_free)
+    def cut(self, res, res_n, unc, unc_n, table, ready, copy_free, gpu_free):  # type: ignore[no-untyped-def]
+        return len(res), 0
 
 
-class OffloadScheduler:
+class OffloadScheduler(PrefixScheduler):
     """Every activated expert on the GPU; non-resident ones are loaded in tokens-desc order."""
 
     name = "offload"
 
-    def __init__(self) -> None:
-        self._tables = CostTableCache()
-
-    def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
-             ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
-             gpu_free: float = 0.0) -> Split:
-        res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
-        return prefix_split(res, res_n, unc, unc_n, len(res), len(unc), self._tables.get(cost), ready,
-                            copy_free, gpu_free)
+    def cut(self, res, res_n, unc, unc_n, table, ready, copy_free, gpu_free):  # type: ignore[no-untyped-def]
+        return len(res), len(unc)

@@ -20,13 +20,11 @@ used in decode and prefill alike. The split is priced with the shared evaluator 
 
 from __future__ import annotations
 
-from typing import Collection, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import EMPTY_READY
-from hybrimoe_kt.core.schedulers.costtable import CostTable, CostTableCache
-from hybrimoe_kt.core.schedulers.makespan import canonical_queue, prefix_split
-from hybrimoe_kt.core.types import LayerRouting, Split
+from hybrimoe_kt.core.schedulers.costtable import CostTable
+from hybrimoe_kt.core.schedulers.prefix import PrefixScheduler
 
 
 def hss_cut(res: Sequence[int], res_n: Sequence[int], unc_n: Sequence[int], table: CostTable,
@@ -66,20 +64,12 @@ def hss_cut(res: Sequence[int], res_n: Sequence[int], unc_n: Sequence[int], tabl
     return i
 
 
-class HssScheduler:
+class HssScheduler(PrefixScheduler):
     """The released HybriMoE greedy, token-aware, honouring ``ready``, ``copy_free`` and ``gpu_free``."""
 
     name = "hss"
 
-    def __init__(self) -> None:
-        self._tables = CostTableCache()
-
-    def plan(self, routing: LayerRouting, resident: Collection[int], cost: CostModel,
-             ready: Mapping[int, float] = EMPTY_READY, copy_free: float = 0.0,
-             gpu_free: float = 0.0) -> Split:
-        res, res_n, unc, unc_n = canonical_queue(routing, resident, ready)
-        table = self._tables.get(cost)
-        cut = hss_cut(res, res_n, unc_n, table, ready, copy_free, gpu_free)
+    def cut(self, res, res_n, unc, unc_n, table, ready, copy_free, gpu_free):  # type: ignore[no-untyped-def]
+        n = hss_cut(res, res_n, unc_n, table, ready, copy_free, gpu_free)
         m = len(res)
-        keep, n_loads = (cut, 0) if cut <= m else (m, cut - m)
-        return prefix_split(res, res_n, unc, unc_n, keep, n_loads, table, ready, copy_free, gpu_free)
+        return (n, 0) if n <= m else (m, n - m)
