@@ -193,9 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
             if ev[0] == "delta":
                 parts.append(ev[1])
             elif ev[0] == "done":
-                _, finish, prompt_tokens, completion_tokens = ev
+                _, finish, prompt_ids, token_ids = ev
                 self._send_json(200, full_response(job.req, new_id(job.req.kind), now(), "".join(parts), finish,
-                                                   prompt_tokens, completion_tokens))
+                                                   prompt_ids, token_ids))
                 return
             else:
                 self._send_json(500, error_body(ev[1], "server_error"))
@@ -218,7 +218,7 @@ class _Handler(BaseHTTPRequestHandler):
                 elif ev[0] == "done":
                     self._event(stream_chunk(req, rid, created, None, ev[1]))
                     if req.include_usage:
-                        self._event(usage_chunk(req, rid, created, ev[2], ev[3]))
+                        self._event(usage_chunk(req, rid, created, len(ev[2]), len(ev[3])))
                     break
                 else:
                     self._event(error_body(ev[1], "server_error"))

@@ -5,7 +5,7 @@ never share state. A request talks back through its ``Job.events`` queue:
     ("start", prompt_tokens)              prompt accepted, generation begins
     ("reject", RequestError)              prompt refused (too long for the model): HTTP 400
     ("delta", text)                       new text
-    ("done", finish_reason, prompt_tokens, completion_tokens)
+    ("done", finish_reason, prompt_ids, token_ids)   token ids of the prompt and of the completion
     ("error", message)                    the generation raised: HTTP 500
 
 The HTTP side sets ``Job.cancel`` when its client goes away; the worker checks it before every forward.
@@ -148,11 +148,12 @@ class Engine:
         put(("start", len(prompt)))
         sampler = Sampler(req.temperature, req.top_p, req.seed)
         text = TextAssembler(self.tokenizer, req.stop)
-        n, finish, t_first, hit_stop = 0, "length", 0.0, False
+        tokens: list[int] = []
+        finish, t_first, hit_stop = "length", 0.0, False
         try:
             for token in token_loop(self.model, prompt, sampler, req.max_tokens):
-                n += 1
-                if n == 1:
+                tokens.append(token)
+                if len(tokens) == 1:
                     t_first = time.perf_counter()
                 if token in self.eos_ids and not req.ignore_eos:
                     finish = "stop"
@@ -168,17 +169,18 @@ class Engine:
                     break
         except Exception as e:
             log.exception("generation failed")
-            self.metrics.finished("failed", len(prompt), n, 0.0)
+            self.metrics.finished("failed", len(prompt), len(tokens), 0.0)
             put(("error", f"generation failed: {type(e).__name__}: {e}"))
             return
         if finish != "cancelled" and not hit_stop:
             rest = text.flush()
             if rest:
                 put(("delta", rest))
+        n = len(tokens)
         decode_s = time.perf_counter() - t_first if n > 1 else 0.0
         if finish == "cancelled":
             log.info("client went away: generation cancelled after %d tokens", n)
             self.metrics.finished("cancelled", len(prompt), n, decode_s)
             return
         self.metrics.finished("served", len(prompt), n, decode_s)
-        put(("done", finish, len(prompt), n))
+        put(("done", finish, tuple(prompt), tuple(tokens)))

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 Kind = Literal["chat", "completion"]
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -53,6 +53,7 @@ class GenRequest:
     stream: bool
     include_usage: bool        # stream_options.include_usage: a last chunk with usage and no choices
     ignore_eos: bool
+    return_token_ids: bool = False  # vLLM's extension: the prompt's and the completion's token ids
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -164,10 +165,15 @@ def parse_request(body: dict[str, Any], kind: Kind, model_name: str, max_tokens_
         raise RequestError(f"'n' must be 1 (one choice per request), got {n}", param="n")
     options = _typed(body, "stream_options", (dict,), "an object", {})
     include_usage = _typed(options, "include_usage", (bool,), "a boolean", False)
+    stream = _typed(body, "stream", (bool,), "a boolean", False)
+    return_token_ids = _typed(body, "return_token_ids", (bool,), "a boolean", False)
+    if return_token_ids and stream:
+        raise RequestError("'return_token_ids' is supported without streaming only", param="return_token_ids")
     return GenRequest(kind=kind, model=model_name, messages=messages, prompt=prompt, max_tokens=max_tokens,
                       temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body),
-                      stream=_typed(body, "stream", (bool,), "a boolean", False), include_usage=include_usage,
-                      ignore_eos=_typed(body, "ignore_eos", (bool,), "a boolean", False))
+                      stream=stream, include_usage=include_usage,
+                      ignore_eos=_typed(body, "ignore_eos", (bool,), "a boolean", False),
+                      return_token_ids=return_token_ids)
 
 
 def new_id(kind: Kind) -> str:
@@ -179,17 +185,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def full_response(req: GenRequest, rid: str, created: int, text: str, finish: str, prompt_tokens: int,
-                  completion_tokens: int) -> dict[str, Any]:
+def full_response(req: GenRequest, rid: str, created: int, text: str, finish: str,
+                  prompt_ids: Sequence[int], token_ids: Sequence[int]) -> dict[str, Any]:
+    """The whole answer; with ``return_token_ids`` also the token ids where vLLM puts them (chat: the
+    prompt's on the response, completion: both on the choice)."""
+    out: dict[str, Any] = {"id": rid, "created": created, "model": req.model}
     if req.kind == "chat":
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                   "logprobs": None, "finish_reason": finish}
-        obj = "chat.completion"
+        out["object"] = "chat.completion"
+        if req.return_token_ids:
+            out["prompt_token_ids"] = list(prompt_ids)
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice],
-            "usage": usage(prompt_tokens, completion_tokens)}
+        out["object"] = "text_completion"
+        if req.return_token_ids:
+            choice["prompt_token_ids"] = list(prompt_ids)
+    if req.return_token_ids:
+        choice["token_ids"] = list(token_ids)
+    out["choices"] = [choice]
+    out["usage"] = usage(len(prompt_ids), len(token_ids))
+    return out
 
 
 def stream_chunk(req: GenRequest, rid: str, created: int, text: Optional[str], finish: Optional[str],

@@ -1,6 +1,12 @@
-"""The OpenAI-compatible server over real HTTP on 127.0.0.1 (ephemeral ports), on a tiny Mixtral with the
-hybrimoe rules (GPU tier = CPU stand-in): endpoints, greedy output vs ``model.generate``, streaming,
-request validation, concurrency without mixed state, queue-full 429, client disconnects, CLI flags."""
+"""The OpenAI-compatible server over real HTTP on 127.0.0.1 (ephemeral ports), on a tiny Mixtral: endpoints,
+greedy output vs ``model.generate``, streaming, request validation, concurrency without mixed state,
+queue-full 429, client disconnects, CLI flags.
+
+Tests that compare texts run under the stock rules, where every routed expert runs on the CPU kernel and
+a request's output does not depend on what ran before it: those comparisons are exact. Under the hybrimoe
+rules (GPU tier = CPU stand-in) the expert cache state decides which tier computes each expert, the tiers
+round differently, and a near-tie in a router or in the logits of this random model can go either way:
+there outputs are checked against teacher-forced reference logits within a tolerance."""
 
 from __future__ import annotations
 
@@ -19,11 +25,19 @@ from hybrimoe_kt.kt.loader import load_hybrid
 from hybrimoe_kt.kt.tiny import make_tiny_model
 from hybrimoe_kt.server.app import Server
 from hybrimoe_kt.server.engine import Engine
+from hybrimoe_kt.server.generate import Sampler, token_loop
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "optimize_rules" / "Mixtral-hybrimoe.yaml"
+STOCK_RULES = REPO / "optimize_rules" / "Mixtral-stock.yaml"
 NAME = "tiny-mixtral"
 LIMIT = 64
+# Logit tolerance of a greedy token under the hybrimoe rules against the stock rules' teacher-forced
+# logits. Measured on this model: over 3,000 prompts served in random order, the chosen token's logit
+# was below the reference maximum by 0 at the median, by 0.0013 at the 99th percentile and by 0.24 at
+# most (a router near-tie that flipped: that moves this model's logits by up to ~0.33); corrupted
+# expert weights move them by the whole logit range (~3).
+LOGIT_TOL = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +51,26 @@ def hybrid(model_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def server(hybrid: Any) -> Iterator[Server]:
-    srv = Server(Engine(hybrid, queue_size=64), NAME, host="127.0.0.1", port=0, max_tokens_limit=LIMIT)
+def stock(model_dir: Path) -> Any:
+    return load_hybrid(model_dir, STOCK_RULES, progress=False)
+
+
+def _serve(model: Any) -> Iterator[Server]:
+    srv = Server(Engine(model, queue_size=64), NAME, host="127.0.0.1", port=0, max_tokens_limit=LIMIT)
     srv.start_background()
     yield srv
     srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(stock: Any) -> Iterator[Server]:
+    """Stock rules: outputs are exact, whatever ran before."""
+    yield from _serve(stock)
+
+
+@pytest.fixture(scope="module")
+def hybrid_server(hybrid: Any) -> Iterator[Server]:
+    yield from _serve(hybrid)
 
 
 def call(srv: Server, method: str, path: str, body: Any = None, raw: Optional[bytes] = None,
@@ -64,7 +93,8 @@ def greedy_text(hybrid: Any, ids: list[int], n: int) -> tuple[str, int]:
     return hybrid.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
-def test_health_models_metrics(server: Server) -> None:
+def test_health_models_metrics(hybrid_server: Server) -> None:
+    server = hybrid_server
     assert call(server, "GET", "/health") == (200, {"status": "ok"})
     status, models = call(server, "GET", "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == [NAME]
@@ -75,23 +105,23 @@ def test_health_models_metrics(server: Server) -> None:
     assert {"hit_rate"} <= set(m["cache"]) and {"copies", "gb"} <= set(m["transfers"])
 
 
-def test_completion_matches_generate(server: Server, hybrid: Any) -> None:
+def test_completion_matches_generate(server: Server, stock: Any) -> None:
     prompt = "the quick brown fox"
     status, r = call(server, "POST", "/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": 4})
     assert status == 200, r
-    ids = hybrid.tokenizer(prompt).input_ids
-    want, n = greedy_text(hybrid, ids, 4)
+    ids = stock.tokenizer(prompt).input_ids
+    want, n = greedy_text(stock, ids, 4)
     assert r["object"] == "text_completion" and r["choices"][0]["text"] == want
     assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
 
-def test_chat_matches_generate(server: Server, hybrid: Any) -> None:
+def test_chat_matches_generate(server: Server, stock: Any) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     status, r = call(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 4,
                                                                "temperature": 0, "unknown_field": [1]})
     assert status == 200, r
-    ids = list(hybrid.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
-    want, n = greedy_text(hybrid, ids, 4)
+    ids = list(stock.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    want, n = greedy_text(stock, ids, 4)
     msg = r["choices"][0]["message"]
     assert r["object"] == "chat.completion" and msg == {"role": "assistant", "content": want}
     assert r["usage"]["prompt_tokens"] == len(ids) and r["usage"]["completion_tokens"] == n
@@ -163,6 +193,8 @@ BAD = [
     (CHAT, {"messages": USER, "stop": 4}, "stop"),
     (CHAT, {"messages": USER, "stream_options": True}, "stream_options"),
     (CHAT, {"messages": USER, "n": 2}, "n"),
+    (COMP, {"prompt": "x", "return_token_ids": 1}, "return_token_ids"),
+    (COMP, {"prompt": "x", "return_token_ids": True, "stream": True}, "return_token_ids"),
 ]
 
 
@@ -185,26 +217,71 @@ def test_unknown_path_and_method(server: Server) -> None:
     assert call(server, "DELETE", "/v1/models")[0] == 405
 
 
-def test_concurrent_requests_are_complete_and_unmixed(server: Server) -> None:
-    prompts = [f"request {i} says" for i in range(50)]
-    body = lambda p: {"prompt": p, "max_tokens": 3, "ignore_eos": True}  # noqa: E731
+def test_return_token_ids(server: Server, stock: Any) -> None:
+    body = {"prompt": "a b c", "max_tokens": 3, "ignore_eos": True, "return_token_ids": True}
+    status, r = call(server, "POST", COMP, body)
+    assert status == 200, r
+    choice = r["choices"][0]
+    assert choice["prompt_token_ids"] == stock.tokenizer("a b c").input_ids
+    assert len(choice["token_ids"]) == r["usage"]["completion_tokens"] == 3
+    assert choice["text"] == stock.tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
+    status, c = call(server, "POST", CHAT, {"messages": USER, "max_tokens": 2, "return_token_ids": True})
+    assert status == 200 and len(c["prompt_token_ids"]) == c["usage"]["prompt_tokens"]
+    assert len(c["choices"][0]["token_ids"]) == c["usage"]["completion_tokens"]
+    assert "token_ids" not in call(server, "POST", COMP, {"prompt": "a b c", "max_tokens": 1})[1]["choices"][0]
+
+
+def concurrent(srv: Server, bodies: list[dict[str, Any]]) -> list[tuple[int, Any]]:
+    """POST every body to /v1/completions at once; the responses in order."""
     results: dict[int, Any] = {}
 
     def worker(i: int) -> None:
-        results[i] = call(server, "POST", COMP, body(prompts[i]))
+        results[i] = call(srv, "POST", COMP, bodies[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert sorted(results) == list(range(50))
-    for i, p in enumerate(prompts):
-        status, r = results[i]
-        assert status == 200, r
-        assert r["usage"]["completion_tokens"] == 3 and r["choices"][0]["finish_reason"] == "length"
-        # the same request alone gives the same text
-        assert call(server, "POST", COMP, body(p))[1]["choices"][0]["text"] == r["choices"][0]["text"]
+    assert sorted(results) == list(range(len(bodies)))
+    return [results[i] for i in range(len(bodies))]
+
+
+def logit_deficits(ref: Any, prompt: list[int], tokens: list[int]) -> list[float]:
+    """Per generated token: how far its logit is below the best one, teacher-forced through ``ref``."""
+    with torch.no_grad():
+        logits = ref.model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()  # [n, V]
+    return (logits.max(-1).values - logits[torch.arange(len(tokens)), torch.tensor(tokens)]).tolist()
+
+
+@pytest.mark.parametrize("rules", ["stock", "hybrimoe"])
+def test_concurrent_requests_are_complete_and_unmixed(rules: str, request: pytest.FixtureRequest,
+                                                      stock: Any) -> None:
+    """50 clients at once. Stock rules: each response equals the same request served alone, exactly.
+    Hybrimoe rules: each response carries its own prompt's tokens and text, every token is greedy within
+    LOGIT_TOL under the stock rules' teacher-forced logits, and most equal the stock greedy tokens."""
+    srv: Server = request.getfixturevalue("server" if rules == "stock" else "hybrid_server")
+    prompts = [f"request {i} says" for i in range(50)]
+    bodies = [{"prompt": p, "max_tokens": 3, "ignore_eos": True, "return_token_ids": True} for p in prompts]
+    together = concurrent(srv, bodies)
+    alone = [call(srv, "POST", COMP, b) for b in bodies]
+    exact = 0
+    for p, (status, r), (status_alone, a) in zip(prompts, together, alone):
+        assert status == 200 and status_alone == 200, (r, a)
+        choice = r["choices"][0]
+        assert r["usage"]["completion_tokens"] == 3 and choice["finish_reason"] == "length"
+        ids, tokens = stock.tokenizer(p).input_ids, choice["token_ids"]
+        assert choice["prompt_token_ids"] == ids
+        assert choice["text"] == stock.tokenizer.decode(tokens, skip_special_tokens=True)
+        if rules == "stock":
+            assert a["choices"][0] == choice  # the same request alone: same tokens, same text
+            continue
+        for got in (tokens, a["choices"][0]["token_ids"]):
+            deficits = logit_deficits(stock, ids, got)
+            assert max(deficits) <= LOGIT_TOL, (p, got, deficits)
+        exact += tokens == list(token_loop(stock.model, ids, Sampler(0.0), 3))
+    if rules == "hybrimoe":  # near-ties are rare: a handful of requests may differ, not most
+        assert exact >= 0.75 * len(prompts), f"only {exact} of {len(prompts)} equal the stock greedy tokens"
 
 
 def test_queue_full_gives_429(hybrid: Any) -> None:
