@@ -11,7 +11,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
+
+from hybrimoe_kt.core.host import HostCosts
 
 PRESET_NAMES = ("rtx4090-ddr5", "a6000-tr5995wx", "rtx4080-2x8452y")
 
@@ -51,14 +53,23 @@ class HardwareProfile:
     gpu: Tier
     pcie: Link
     layer_overhead_us: float = 0.0  # non-MoE GPU work per layer beyond weight reads (launches, norms)
+    gpu_mem_gib: float = 0.0        # GPU memory; 0 = unknown (no budget check)
+    host: Optional[HostCosts] = None  # host time per layer call, per strategy and phase
     description: str = ""
     sources: tuple[str, ...] = ()
     measured: Mapping[str, Any] = field(default_factory=dict)  # raw calibration data, provenance
 
+    def __post_init__(self) -> None:
+        if self.gpu_mem_gib < 0:
+            raise ValueError(f"gpu_mem_gib must be >= 0, got {self.gpu_mem_gib}")
+
     def to_json(self) -> str:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("host",)}
+        d = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in d.items()}
         d["sources"] = list(self.sources)
         d["measured"] = dict(self.measured)
+        if self.host is not None:
+            d["host"] = self.host.to_dict()
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @staticmethod
@@ -74,6 +85,8 @@ class HardwareProfile:
                 gpu=Tier(**d["gpu"]),
                 pcie=Link(**d["pcie"]),
                 layer_overhead_us=float(d.get("layer_overhead_us", 0.0)),
+                gpu_mem_gib=float(d.get("gpu_mem_gib", 0.0)),
+                host=HostCosts.from_dict(d["host"]) if d.get("host") is not None else None,
                 description=str(d.get("description", "")),
                 sources=tuple(d.get("sources", ())),
                 measured=dict(d.get("measured", {})),
