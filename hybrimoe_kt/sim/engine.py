@@ -5,11 +5,14 @@ serialized PCIe copy queue shared by demand loads and background copies (CPU-ser
 admitted, prefetches). Per layer of every forward:
 
 1. the GPU runs the non-MoE part of the layer (attention, norms);
-2. the shared ``core.controller.Controller`` decides the layer's Plan (the same code the runtime runs):
+2. the host pays the strategy's critical host time of a layer call (routing to the host, deciding,
+   dispatching, summing the tiers: ``core.host``), during which no expert kernel runs;
+3. the shared ``core.controller.Controller`` decides the layer's Plan (the same code the runtime runs):
    hits, the CPU/GPU split, demand loads and evictions, background copies;
-3. the GPU runs shared experts first, then resident experts, then loads as they land; the CPU runs its
-   experts meanwhile, slowed while the copy queue shares host-memory bandwidth with it;
-4. the layer ends when both tiers are done.
+4. the GPU runs shared experts first, then resident experts, then loads as they land; the CPU runs its
+   experts meanwhile, slowed while the copy queue shares host-memory bandwidth with it; the host decides
+   the background copies meanwhile (its background host time);
+5. the layer ends when both tiers and the host's background work are done.
 
 Timing follows the cost model exactly (the same rules as ``core.schedulers.makespan``), so a run is a
 pure function of its inputs.
@@ -18,11 +21,12 @@ pure function of its inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 from hybrimoe_kt.core.cache import ExpertCache
 from hybrimoe_kt.core.controller import Controller
 from hybrimoe_kt.core.cost import RooflineCost
+from hybrimoe_kt.core.host import ZERO_HOST, HostTime
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import Policies
 from hybrimoe_kt.core.types import LayerRouting
@@ -63,20 +67,28 @@ class RunStats:
     decode_misses: int = 0
     gpu_experts: int = 0
     cpu_experts: int = 0
+    host_critical_s: float = 0.0     # critical host time charged (all layer calls)
+    host_background_s: float = 0.0   # background host time decided (all layer calls)
+    host_delay_s: float = 0.0        # part of the background host time that delayed its layer
+    moe_layer_calls: int = 0
     token_latencies_s: list[float] = field(default_factory=list)
+    # every replayed step: (request id, is_prefill, rows, seconds)
+    steps: list[tuple[int, bool, int, float]] = field(default_factory=list)
 
     def merge(self, other: "RunStats") -> None:
         for name in self.__slots__:
-            if name == "token_latencies_s":
-                self.token_latencies_s.extend(other.token_latencies_s)
+            if name in ("token_latencies_s", "steps"):
+                getattr(self, name).extend(getattr(other, name))
             else:
                 setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache: ExpertCache,
-           clock: Clock, top_k: int) -> RunStats:
-    """Run ``steps`` in order from the cache's current state; returns the totals."""
+           clock: Clock, top_k: int, host: Optional[Mapping[str, HostTime]] = None) -> RunStats:
+    """Run ``steps`` in order from the cache's current state; returns the totals. ``host``: the
+    strategy's host time per layer call by phase (``decode`` / ``prefill``); None charges none."""
     ctl = Controller(policies, cache, cost, clock, top_k)
+    host_of = {p: (host or {}).get(p, ZERO_HOST) for p in ("decode", "prefill")}
     free = policies.spec.free_transfers
     xfer = 0.0 if free else cost.transfer()
     nbytes = cost.expert_bytes_gpu
@@ -86,13 +98,14 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
     for i, step in enumerate(steps):
         t0 = now
         n = step.n_rows
+        ht = host_of["prefill" if step.is_prefill else "decode"]
         gpu_busy = cost.forward_extra(n)
         now += gpu_busy
         for r in step.routings:
             clock.now = i * n_layers + r.layer
             t_attn = cost.non_moe(n)
             gpu_busy += t_attn
-            now += t_attn
+            now += t_attn + ht.critical  # the kernels wait for the host's critical part
             shared = cost.shared(n)
             d = ctl.decide(r, now, shared, step.is_prefill)
             plan = d.plan
@@ -134,8 +147,13 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
                     g += dt_e
                     gpu_t += dt_e
             layer_start = now
-            now = max(now + cpu_t, g)
-            ctl.finish(now - layer_start + t_attn)
+            kernels_end = max(now + cpu_t, g)
+            now = max(kernels_end, now + ht.background)  # background host work beyond the kernels delays
+            st.host_delay_s += now - kernels_end
+            st.host_critical_s += ht.critical
+            st.host_background_s += ht.background
+            st.moe_layer_calls += 1
+            ctl.finish(now - layer_start + t_attn + ht.critical)
             st.cpu_busy_s += cpu_t
             gpu_busy += gpu_t
             st.gpu_experts += len(plan.gpu)
@@ -150,4 +168,5 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
             st.decode_tokens += n
             st.decode_steps += 1
             st.token_latencies_s.append(dt)
+        st.steps.append((step.request, step.is_prefill, n, dt))
     return st
