@@ -201,9 +201,10 @@ def measure_cpu(cfg: CalibrateConfig, progress: bool = True) -> tuple[list[Exper
 
 
 def run_calibration(cfg: CalibrateConfig, progress: bool = True,
-                    gpu_measure: Callable[[], tuple[Tier, Any, dict[str, Any]]] | None = None
-                    ) -> CalibrationResult:
-    """Measure the CPU tier (and the GPU when ``gpu_measure`` is given) and build the profile."""
+                    gpu_measure: Callable[[], tuple[Tier, Any, dict[str, Any]]] | None = None,
+                    host_strategies: tuple[str, ...] | None = None) -> CalibrationResult:
+    """Measure the CPU tier (and the GPU when ``gpu_measure`` is given) and build the profile; with
+    ``host_strategies`` also the runtime's host time per layer call of those strategies."""
     busy = busy_cpus()
     if busy is not None and busy >= 0.5:
         log.warning("%.1f of %d CPU(s) busy before the sweep: other processes compete for the CPU and "
@@ -256,7 +257,15 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
             f"{facts.get('backend')} backend ({facts.get('variant')}, {facts.get('threads')} thread(s), "
             f"BF16 experts H={cfg.hidden} I={cfg.intermediate}); GPU tier and PCIe {gpu_source}; "
             f"layer_overhead_us copied from preset {cfg.gpu_from}.")
-    profile = HardwareProfile(name=cfg.name, cpu=cpu, gpu=gpu, pcie=pcie,
+    host = None
+    if host_strategies:
+        from hybrimoe_kt.calibrate_host import measure_host
+
+        host = measure_host(host_strategies, backend=cfg.backend, seed=cfg.seed, progress=progress)
+        desc += " Host time per layer call measured from the runtime with no-op kernels."
+    profile = HardwareProfile(name=cfg.name, cpu=cpu, gpu=gpu, pcie=pcie, host=host,
+                              gpu_mem_gib=preset.gpu_mem_gib if gpu_measure is None else float(
+                                  gpu_raw.get("mem_gib", preset.gpu_mem_gib)),
                               layer_overhead_us=preset.layer_overhead_us, description=desc,
                               sources=(f"hybrimoe-kt calibrate, commit {commit}",), measured=measured)
     # round-trip through the schema so that what is written is exactly what load_profile accepts

@@ -42,6 +42,11 @@ def add_parser(sub: Any) -> None:
                         "several times the last-level cache)")
     p.add_argument("--gpu-from", default="rtx4090-ddr5", choices=PRESET_NAMES,
                    help="preset for the GPU tier and PCIe link when no CUDA device is present")
+    p.add_argument("--host-strategies", default="stock,static-frequency,lru-offload,hybrimoe-paper,hybrimoe",
+                   help="strategies whose host time per layer call is measured from the runtime (no-op "
+                        "kernels) into the profile's host section")
+    p.add_argument("--skip-host", action="store_true", help="do not measure host time (the profile then "
+                   "has no host section: simulate needs --host-cost zero with it)")
     p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
@@ -65,7 +70,16 @@ def run(args: argparse.Namespace) -> int:
         def gpu_measure():  # type: ignore[no-untyped-def]
             return measure_gpu(cfg.hidden, cfg.intermediate, cfg.tokens)
 
-    res = run_calibration(cfg, progress=not args.no_progress, gpu_measure=gpu_measure)
+    from hybrimoe_kt.core.strategies import get_strategy
+
+    host_strategies = None
+    if not args.skip_host:
+        host_strategies = tuple(n.strip() for n in args.host_strategies.split(",") if n.strip())
+        for n in host_strategies:
+            if get_strategy(n).clairvoyant:
+                raise ValueError(f"--host-strategies: {n} is a bound (simulator only); it has no host time")
+    res = run_calibration(cfg, progress=not args.no_progress, gpu_measure=gpu_measure,
+                          host_strategies=host_strategies)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(res.profile.to_json())
     m = res.profile.measured
@@ -85,5 +99,10 @@ def run(args: argparse.Namespace) -> int:
           f"{c.call_overhead_us:.1f} us; rel. RMS error {100 * m['fit']['rel_rms']:.1f}%; "
           f"machine read bandwidth {m['machine_read_bw_gbs']:.1f} GB/s")
     print(f"GPU/PCIe: {m['gpu_source']}")
+    if res.profile.host is not None:
+        print("host time per MoE layer call (runtime, no-op kernels; GPU tier = CPU stand-in here):")
+        for name, phases in sorted(res.profile.host.strategies.items()):
+            print("  " + f"{name:17s}" + "  ".join(f"{ph}: critical {t.critical * 1e6:7.1f} us, background "
+                                                  f"{t.background * 1e6:6.1f} us" for ph, t in phases.items()))
     print(f"wrote {args.out}")
     return 0

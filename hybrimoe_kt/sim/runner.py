@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Literal, Mapping, Optional, Sequence
 
 from hybrimoe_kt.core.cache import ExpertCache
 from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import HardwareProfile
+from hybrimoe_kt.core.host import HOST_FREE, PHASES, HostTime
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for
@@ -20,6 +21,10 @@ from hybrimoe_kt.traces.format import Trace
 log = logging.getLogger(__name__)
 
 BOUNDS = ("oracle", "roofline")
+# Weight formats the runtime executes today; any other is simulated as a projection (labelled so).
+RUNTIME_GPU_FORMATS = ("bf16",)                      # GPU expert slots
+RUNTIME_CPU_FORMATS = ("bf16", "q8_0", "q4_k_m")     # kt-kernel BF16 and GGUF (llamafile) kernels
+HostCostMode = Literal["profile", "zero"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,29 @@ class SimSetup:
     model: ModelPreset
     profile: HardwareProfile
     cpu_format: str = "q4_k_m"
-    gpu_format: str = "int4-g128"
+    gpu_format: str = "bf16"
     prefill_chunk: int = 512
+    host_cost: HostCostMode = "profile"
+
+    @property
+    def projection(self) -> bool:
+        """True when a weight format is one the runtime cannot execute yet."""
+        return self.gpu_format not in RUNTIME_GPU_FORMATS or self.cpu_format not in RUNTIME_CPU_FORMATS
+
+    def host_times(self, spec: StrategySpec) -> Optional[Mapping[str, HostTime]]:
+        """The strategy's host time per layer call by phase (None with ``host_cost='zero'``)."""
+        if self.host_cost == "zero":
+            return None
+        if self.host_cost != "profile":
+            raise ValueError(f"host cost must be 'profile' or 'zero', got {self.host_cost!r}")
+        host = self.profile.host
+        if host is None:
+            if spec.name in HOST_FREE:
+                return None
+            raise ValueError(f"hardware profile {self.profile.name} has no host section: run 'hybrimoe-kt "
+                             f"calibrate' to measure it, or pass --host-cost zero for an ablation")
+        name = f"hardware profile {self.profile.name}"
+        return {p: host.get(spec.name, p, name) for p in PHASES}
 
     def check(self) -> None:
         t, m = self.trace, self.model
@@ -48,7 +74,8 @@ class SimSetup:
 
 
 def run_one(spec: StrategySpec, ratio: float, folds: Sequence[Fold], cost: RooflineCost,
-            n_layers: int, n_experts: int, top_k: int) -> RunStats:
+            n_layers: int, n_experts: int, top_k: int,
+            host: Optional[Mapping[str, HostTime]] = None) -> RunStats:
     total = RunStats()
     for fold in folds:
         clock = Clock()
@@ -59,7 +86,7 @@ def run_one(spec: StrategySpec, ratio: float, folds: Sequence[Fold], cost: Roofl
                              uses=uses, future=future)
         cache = ExpertCache(n_layers, n_experts, slots, pol.eviction, global_pool=spec.pool == "global")
         cache.place(pol.placement)
-        total.merge(replay(fold.steps, cost, pol, cache, clock, top_k))
+        total.merge(replay(fold.steps, cost, pol, cache, clock, top_k, host))
     return total
 
 
@@ -68,7 +95,7 @@ _JOB_CONTEXT: dict = {}
 
 def _run_job(job: tuple[StrategySpec, float]) -> RunStats:
     c = _JOB_CONTEXT
-    return run_one(job[0], job[1], c["folds"], c["cost"], *c["dims"])
+    return run_one(job[0], job[1], c["folds"], c["cost"], *c["dims"], host=c["host"][job[0].name])
 
 
 def _map_jobs(jobs: list[tuple[StrategySpec, float]], workers: int, bar: object) -> list[RunStats]:
@@ -114,13 +141,14 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
             raise ValueError(f"cache ratio {r} is outside [0, 1]")
     t = setup.trace
     cost = RooflineCost.build(setup.profile, setup.model, setup.cpu_format, setup.gpu_format)
+    host = {s.name: setup.host_times(s) for s in specs}  # fails on a missing host time before any work
     folds = make_folds(t, setup.prefill_chunk)
     jobs = [(s, r) for r in ratios for s in specs]
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc="simulate", unit="run", leave=False)
-    _JOB_CONTEXT.update(folds=folds, cost=cost, dims=(t.n_layers, t.n_experts, t.top_k))
+    _JOB_CONTEXT.update(folds=folds, cost=cost, dims=(t.n_layers, t.n_experts, t.top_k), host=host)
     try:
         results = _map_jobs(jobs, workers or default_workers(), bar)
     finally:
@@ -131,7 +159,13 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
         m = Metrics.from_stats(stats, setup.time_scale)
         if spec.name == "stock":
             stock[ratio] = m
+        ht = host[spec.name] or {}
         out.append({"strategy": spec.name, "cache_ratio": ratio, **m.as_dict(),
+                    "host_critical_us_per_layer": round(ht["decode"].critical * 1e6, 3) if ht else 0.0,
+                    "host_background_us_per_layer": round(ht["decode"].background * 1e6, 3) if ht else 0.0,
+                    "host_prefill_critical_us_per_layer": round(ht["prefill"].critical * 1e6, 3) if ht else 0.0,
+                    "host_prefill_background_us_per_layer": (round(ht["prefill"].background * 1e6, 3)
+                                                             if ht else 0.0),
                     "slots": slots_for(spec, t.n_layers, t.n_experts, ratio),
                     "pool": spec.pool, "bound": spec.name in BOUNDS})
     if bar is not None:
@@ -150,6 +184,8 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
             "hardware": setup.profile.name,
             "cpu_format": setup.cpu_format,
             "gpu_format": setup.gpu_format,
+            "projection": setup.projection,
+            "host_cost": setup.host_cost,
             "prefill_chunk": setup.prefill_chunk,
             "folds": [f.name for f in folds],
             "layers_simulated": t.n_layers,

@@ -19,9 +19,10 @@ def test_quick_calibration_writes_loadable_profile(tmp_path: Path, backend: str,
     if backend == "kt-kernel":
         pytest.importorskip("kt_kernel.kt_kernel_ext", reason="kt-kernel extension not importable")
     out = tmp_path / "prof.json"
+    host = ["--host-strategies", "stock,hybrimoe"] if backend == "torch" else ["--skip-host"]
     rc = main(["calibrate", "--backend", backend, "--threads", "1", "--hidden", "512",
                "--intermediate", "1024", "--experts", "4", "--tokens", "1,8", "--repeats",
-               str(repeats), "--rotate-mib", "16", "--no-progress", "--out", str(out)])
+               str(repeats), "--rotate-mib", "16", "--no-progress", "--out", str(out), *host])
     assert rc == 0
     prof = load_profile(out)
     assert prof.name == "prof"
@@ -32,7 +33,17 @@ def test_quick_calibration_writes_loadable_profile(tmp_path: Path, backend: str,
                                                                         (256, 1)}
     assert m["machine_read_bw_gbs"] > 0 and m["cpu_model"] and m["git_commit"]
     assert prof.cpu.mem_bw_gbs > 0 and prof.cpu.tflops > 0
-    assert "per-expert time" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "per-expert time" in printed
+    if backend == "torch":  # host time measured from the runtime, per strategy and phase
+        assert prof.host is not None and set(prof.host.strategies) == {"stock", "hybrimoe"}
+        for phases in prof.host.strategies.values():
+            assert set(phases) == {"decode", "prefill"}
+            assert all(t.critical > 0 for t in phases.values())
+        assert prof.host.get("oracle", "decode").critical == 0.0  # bounds pay no host time
+        assert "host time per MoE layer call" in printed
+    else:
+        assert prof.host is None
     json.loads(out.read_text())  # plain JSON
 
 

@@ -1,0 +1,110 @@
+"""Measure the runtime's host time per MoE layer call, per strategy and phase, for a profile's ``host``.
+
+The runtime itself runs (``HybridMoE`` over a DeepSeek-V2-Lite-shaped stack: 64 experts, top-6, with
+replayed synthetic routing) with every kernel and slot copy replaced by a no-op
+(``runtime.harness.trivial_kernels``), so what remains is host work: routing to the host, deciding,
+masks, slot bookkeeping, dispatch, the sum of the tiers, and the background copies decided while the
+kernels would run. Per layer call:
+
+- background = the runtime's own ``background_s`` (deciding and queueing background copies);
+- critical = the whole layer call minus background.
+
+Medians over the calls of each phase (the machine is shared: the median ignores other processes'
+bursts). The GPU tier is the CPU stand-in here: on a CUDA machine the same code measures the real path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from hybrimoe_kt.core.host import HostCosts, HostTime
+
+log = logging.getLogger(__name__)
+
+DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe")
+
+
+def measure_host(strategies: Sequence[str] = DEPLOYABLE, *, layers: int = 4, hidden: int = 512,
+                 inter: int = 256, decode_tokens: int = 64, prefill_chunk: int = 128,
+                 cache_ratio: float = 0.25, profile: str = "rtx4090-ddr5", backend: str = "auto",
+                 seed: int = 0, progress: bool = False) -> HostCosts:
+    """Host time per layer call of each strategy, decode and prefill, measured on this machine."""
+    import torch
+
+    from hybrimoe_kt.core.cost import RooflineCost
+    from hybrimoe_kt.core.hardware import load_profile
+    from hybrimoe_kt.core.strategies import get_strategy, slots_for
+    from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
+    from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
+    from hybrimoe_kt.provenance import cpu_model, git_commit
+    from hybrimoe_kt.runtime.device import Tier
+    from hybrimoe_kt.runtime.harness import StackShape, random_store, run_replay, trivial_kernels
+    from hybrimoe_kt.runtime.moe import HybridMoE
+    from hybrimoe_kt.runtime.replay import RoutingReplay
+    from hybrimoe_kt.traces.synthetic import synthetic_trace
+
+    shape = StackShape("deepseek-v2-lite", layers, hidden, inter)
+    trace = synthetic_trace(shape.model, n_requests=2, prompt_len=2 * prefill_chunk, decode_len=decode_tokens,
+                            seed=seed, n_layers=layers)
+    counts = synthetic_trace(shape.model, n_requests=2, prompt_len=2 * prefill_chunk, decode_len=decode_tokens,
+                             seed=seed + 1000, n_layers=layers).expert_counts()
+    replay = RoutingReplay(trace, shape.model, prefill_chunk=prefill_chunk)
+    cost = RooflineCost.build(load_profile(profile), shape.preset(), "bf16", "bf16")
+    store = random_store(shape, seed=seed)
+    workers = CpuWorkerPool(1)
+    backends = [make_cpu_backend(backend, lw.gate, lw.up, lw.down, 1, top_k=shape.top_k, max_len=1024,
+                                 pool=workers, layer_idx=i) for i, lw in enumerate(store)]
+    prefill = [s for s in replay if s.is_prefill]
+    decode = replay.steps("decode")
+    table: dict[str, dict[str, HostTime]] = {}
+    raw: dict[str, Any] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(strategies), desc="host time", unit="strategy", leave=False)
+    t0 = time.perf_counter()
+    for name in strategies:
+        spec = get_strategy(name)
+        moe = HybridMoE(store, Tier("cpu"), spec, slots_for(spec, layers, shape.n_experts, cache_ratio), cost,
+                        shape.top_k, counts=counts, cpu_backends=backends, max_len=1024)
+        table[name], raw[name] = {}, {}
+        with trivial_kernels(moe):
+            run_replay(moe, replay, prefill[:1] + decode[:4], seed=seed, timed=False)  # warm-up
+            for phase, steps in (("prefill", prefill), ("decode", decode)):
+                walls: list[float] = []
+                bg0 = moe.stats.background_s
+                calls0 = moe.stats.forwards
+                run_replay(moe, replay, steps, seed=seed + 1, timed=False, layer_wall=walls)
+                calls = moe.stats.forwards - calls0
+                background = (moe.stats.background_s - bg0) / max(1, calls)
+                wall = float(np.median(walls)) if walls else 0.0
+                table[name][phase] = HostTime(max(0.0, wall - background), background)
+                raw[name][phase] = {"layer_call_median_us": round(wall * 1e6, 2),
+                                    "layer_call_p90_us": round(float(np.percentile(walls, 90)) * 1e6, 2),
+                                    "background_mean_us": round(background * 1e6, 2), "calls": calls}
+        del moe
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    commit, dirty = git_commit()
+    measured = {"method": "runtime with no-op kernels (runtime.harness.trivial_kernels); critical = median "
+                          "layer call - mean background", "stack": shape.describe(),
+                "cache_ratio": cache_ratio, "prefill_chunk": prefill_chunk, "decode_steps": len(decode),
+                "gpu_tier": "CPU stand-in (device cpu)", "cpu_backend": backends[0].name,
+                "cpu_model": cpu_model(), "git_commit": commit, "git_dirty": dirty,
+                "wall_s": round(time.perf_counter() - t0, 1), "per_strategy": raw}
+    return HostCosts(table, 1.0, f"measured by hybrimoe-kt calibrate on {cpu_model()} (commit {commit})",
+                     measured)
+
+
+def estimate_for(measured: HostCosts, factor: float, reason: str,
+                 base: Optional[str] = None) -> HostCosts:
+    """A preset's estimate: ``measured`` times ``factor`` (e.g. single-thread speed of this machine
+    over the preset's CPU), with the reason and the measurement it came from."""
+    src = f"estimate: {reason}; x{factor:g} of {base or measured.source}"
+    return measured.scaled(factor, src)
