@@ -48,6 +48,15 @@ def infer_model(trace_model: str, n_layers: int, n_experts: int, top_k: int) -> 
     return pick[0]
 
 
+def mode_label(setup: object) -> str:
+    """What the figures charge and whether a format is a projection, for titles and headers."""
+    host = ("host time from the profile" if getattr(setup, "host_cost") == "profile"
+            else "host time ZERO (ablation)")
+    fmt = f"CPU {getattr(setup, 'cpu_format')}, GPU {getattr(setup, 'gpu_format')}"
+    return f"{host}; {fmt}" + (" (projection: a format the runtime cannot run yet)"
+                               if getattr(setup, "projection") else "")
+
+
 def parse_ratios(text: str) -> list[float]:
     try:
         ratios = [float(x) for x in text.split(",") if x.strip()]
@@ -70,8 +79,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-ratio", default="0.25,0.5,0.75", help="GPU cache sizes as fractions of the "
                    "routed experts, comma-separated")
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategy names")
-    p.add_argument("--cpu-format", default="q4_k_m", help="weight format of the CPU experts")
-    p.add_argument("--gpu-format", default="int4-g128", help="weight format of the GPU experts")
+    p.add_argument("--cpu-format", default="q4_k_m", help="weight format of the CPU experts (the runtime "
+                   "runs bf16, q8_0, q4_k_m; others are labelled projection)")
+    p.add_argument("--gpu-format", default="bf16", help="weight format of the GPU expert slots (the runtime "
+                   "runs bf16; others, e.g. int4-g128, are labelled projection)")
+    p.add_argument("--host-cost", choices=("profile", "zero"), default="profile",
+                   help="host time per layer call: from the hardware profile's host section (default), "
+                        "or zero (ablation only; labelled in the table, JSON and plot)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic traces")
     p.add_argument("--json", dest="json_out", default=None, help="write the records to this JSON file")
@@ -100,12 +114,13 @@ def run(args: argparse.Namespace) -> int:
     model = get_model(args.model) if args.model else infer_model(
         trace.model, trace.n_layers, trace.n_experts, trace.top_k)
     trace_name = spec if spec.startswith("synthetic:") else Path(spec).name.removesuffix(".npz").removesuffix(".json")
-    setup = SimSetup(trace, trace_name, model, profile, args.cpu_format, args.gpu_format, args.prefill_chunk)
+    setup = SimSetup(trace, trace_name, model, profile, args.cpu_format, args.gpu_format, args.prefill_chunk,
+                     host_cost=args.host_cost)
     records = simulate(setup, names, ratios, progress=not args.no_progress,
                        provenance=provenance(seed=args.seed, trace_spec=spec))
     print(f"SIMULATED: trace {trace_name} ({trace.n_tokens} tokens, {trace.n_layers} MoE layers, "
           f"{trace.n_skipped} unknown entries skipped), model {model.name}, hardware profile "
-          f"{profile.name} (cost model, not a measurement)")
+          f"{profile.name} (cost model, not a measurement); {mode_label(setup)}")
     if setup.time_scale != 1.0:
         print(f"  the trace has {trace.n_layers} of {model.n_moe_layers} MoE layers: times extrapolated "
               f"x{setup.time_scale:.2f}")
@@ -118,6 +133,6 @@ def run(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
         print(f"wrote {out}")
     if args.plot:
-        title = f"SIMULATED - {trace_name} - {model.name} on {profile.name}"
+        title = f"SIMULATED - {trace_name} - {model.name} on {profile.name} - {mode_label(setup)}"
         print(f"wrote {plot(records, Path(args.plot), title)}")
     return 0
