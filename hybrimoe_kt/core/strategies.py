@@ -72,10 +72,12 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,
                  copy_horizon_layers=4.0, background_in_prefill=False, clairvoyant=True),
-    StrategySpec("roofline", "bandwidth roofline: Belady hit rate over one global pool with free "
-                 "transfers, each layer split at its best between the tiers (a fixed hits-on-GPU split "
-                 "or per-layer quotas would not bound the deployable strategies)", "balanced", "belady",
-                 admit_misses=True, free_transfers=True, pool="global", clairvoyant=True),
+    StrategySpec("roofline", "bandwidth roofline: Belady over one global pool with perfect prefetch "
+                 "and free transfers (an expert is copied in whenever it is used sooner than the resident "
+                 "it replaces), no host time, each layer split at its best between the tiers (a fixed "
+                 "hits-on-GPU split or per-layer quotas would not bound the deployable strategies)",
+                 "balanced", "belady", prefetch="oracle", prefetch_depth=8, admit_misses=True,
+                 admission="better-than-victim", free_transfers=True, pool="global", clairvoyant=True),
 )}
 assert set(STRATEGIES) == set(get_args(StrategyName))
 

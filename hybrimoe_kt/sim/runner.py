@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping, Optional, Sequence
@@ -13,6 +14,9 @@ from hybrimoe_kt.core.host import HOST_FREE, PHASES, HostTime
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for
+from hybrimoe_kt.sim.bounds import check_bounds
+from hybrimoe_kt.sim.oracle import COPY, VARIANTS, best_variant, variant_spec
+from hybrimoe_kt.sim.oracle import own_counts as oracle_counts
 from hybrimoe_kt.sim.engine import RunStats, replay
 from hybrimoe_kt.sim.folds import Fold, make_folds
 from hybrimoe_kt.sim.metrics import Metrics
@@ -75,14 +79,16 @@ class SimSetup:
 
 def run_one(spec: StrategySpec, ratio: float, folds: Sequence[Fold], cost: RooflineCost,
             n_layers: int, n_experts: int, top_k: int,
-            host: Optional[Mapping[str, HostTime]] = None) -> RunStats:
+            host: Optional[Mapping[str, HostTime]] = None, own_counts: bool = False) -> RunStats:
+    """``own_counts``: place from the replayed requests' own counts (the oracle's clairvoyant variants)."""
     total = RunStats()
     for fold in folds:
         clock = Clock()
         slots = slots_for(spec, n_layers, n_experts, ratio)
         uses = fold.uses() if spec.clairvoyant else None
         future = fold.future if spec.clairvoyant else None
-        pol = build_policies(spec, n_layers, n_experts, top_k, slots, clock, counts=fold.counts,
+        counts = oracle_counts(fold, n_layers, n_experts) if own_counts else fold.counts
+        pol = build_policies(spec, n_layers, n_experts, top_k, slots, clock, counts=counts,
                              uses=uses, future=future)
         cache = ExpertCache(n_layers, n_experts, slots, pol.eviction, global_pool=spec.pool == "global")
         cache.place(pol.placement)
@@ -93,9 +99,16 @@ def run_one(spec: StrategySpec, ratio: float, folds: Sequence[Fold], cost: Roofl
 _JOB_CONTEXT: dict = {}
 
 
-def _run_job(job: tuple[StrategySpec, float]) -> RunStats:
+Job = tuple[StrategySpec, float, Optional[str]]  # strategy, cache ratio, oracle variant (or None)
+
+
+def _run_job(job: Job) -> RunStats:
     c = _JOB_CONTEXT
-    return run_one(job[0], job[1], c["folds"], c["cost"], *c["dims"], host=c["host"][job[0].name])
+    spec, ratio, variant = job
+    if variant is not None:  # a bound: no host time
+        return run_one(variant_spec(spec, variant), ratio, c["folds"], c["cost"], *c["dims"],
+                       own_counts=variant != COPY)
+    return run_one(spec, ratio, c["folds"], c["cost"], *c["dims"], host=c["host"][spec.name])
 
 
 def _map_jobs(jobs: list[tuple[StrategySpec, float]], workers: int, bar: object) -> list[RunStats]:
@@ -126,6 +139,16 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 
+def _host_fields(ht: Optional[Mapping[str, HostTime]]) -> dict[str, float]:
+    """The host time a record was charged, microseconds per layer call."""
+    out = {}
+    for phase, prefix in (("decode", "host"), ("prefill", "host_prefill")):
+        t = ht[phase] if ht else None
+        out[f"{prefix}_critical_us_per_layer"] = round(t.critical * 1e6, 3) if t else 0.0
+        out[f"{prefix}_background_us_per_layer"] = round(t.background * 1e6, 3) if t else 0.0
+    return out
+
+
 def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: Iterable[float],
              progress: bool = False, provenance: Optional[dict] = None,
              workers: Optional[int] = None) -> list[dict]:
@@ -143,7 +166,8 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
     cost = RooflineCost.build(setup.profile, setup.model, setup.cpu_format, setup.gpu_format)
     host = {s.name: setup.host_times(s) for s in specs}  # fails on a missing host time before any work
     folds = make_folds(t, setup.prefill_chunk)
-    jobs = [(s, r) for r in ratios for s in specs]
+    jobs: list[Job] = [(s, r, v) for r in ratios for s in specs
+                       for v in (VARIANTS if s.name == "oracle" else (None,))]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -155,19 +179,24 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
         _JOB_CONTEXT.clear()
     stock: dict[float, Metrics] = {}
     out: list[dict] = []
-    for (spec, ratio), stats in zip(jobs, results):
-        m = Metrics.from_stats(stats, setup.time_scale)
-        if spec.name == "stock":
-            stock[ratio] = m
-        ht = host[spec.name] or {}
-        out.append({"strategy": spec.name, "cache_ratio": ratio, **m.as_dict(),
-                    "host_critical_us_per_layer": round(ht["decode"].critical * 1e6, 3) if ht else 0.0,
-                    "host_background_us_per_layer": round(ht["decode"].background * 1e6, 3) if ht else 0.0,
-                    "host_prefill_critical_us_per_layer": round(ht["prefill"].critical * 1e6, 3) if ht else 0.0,
-                    "host_prefill_background_us_per_layer": (round(ht["prefill"].background * 1e6, 3)
-                                                             if ht else 0.0),
-                    "slots": slots_for(spec, t.n_layers, t.n_experts, ratio),
-                    "pool": spec.pool, "bound": spec.name in BOUNDS})
+    done = dict(zip(jobs, results))
+    for ratio in ratios:
+        for spec in specs:
+            oracle_variant = None
+            if spec.name == "oracle":  # the best clairvoyant variant (sim/oracle.py)
+                runs = [Metrics.from_stats(done[(spec, ratio, v)], setup.time_scale) for v in VARIANTS]
+                i = best_variant(list(VARIANTS), [m.decode_tok_s for m in runs])
+                j = best_variant(list(VARIANTS), [m.prefill_tok_s for m in runs])
+                oracle_variant = {"decode": VARIANTS[i], "prefill": VARIANTS[j]}
+                m = dataclasses.replace(runs[i], prefill_tok_s=runs[j].prefill_tok_s)
+            else:
+                m = Metrics.from_stats(done[(spec, ratio, None)], setup.time_scale)
+            if spec.name == "stock":
+                stock[ratio] = m
+            out.append({"strategy": spec.name, "cache_ratio": ratio, **m.as_dict(), **_host_fields(host[spec.name]),
+                        "slots": slots_for(spec, t.n_layers, t.n_experts, ratio),
+                        "pool": spec.pool, "bound": spec.name in BOUNDS,
+                        **({"oracle_variant": oracle_variant} if oracle_variant else {})})
     if bar is not None:
         bar.close()
     base = {r: m for r, m in stock.items()}
@@ -192,4 +221,5 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
             "time_scale": round(setup.time_scale, 9),
             **(provenance or {}),
         })
+    check_bounds(out)  # a bound below what it bounds is a simulator bug: fail loudly
     return out

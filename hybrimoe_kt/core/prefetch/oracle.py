@@ -25,7 +25,8 @@ class OraclePrefetch:
         pass
 
     def propose(self, layer: int, view: CacheView, budget_s: float) -> list[ExpertId]:
-        n_max = int(budget_s / view.cost.transfer())
+        per = view.cost.transfer()
+        n_max = 1 << 30 if budget_s == float("inf") or per <= 0 else int(budget_s / per)  # free: no cap
         out: list[ExpertId] = []
         for d in range(1, self.depth + 1):
             if len(out) >= n_max:

@@ -1,0 +1,52 @@
+"""The ``oracle`` bound: the best clairvoyant configuration, per cache ratio.
+
+A system that knew the future could pick any configuration. The oracle runs several clairvoyant
+variants and keeps, per cache ratio, the one with the highest decode tok/s for every decode figure and
+the one with the highest prefill tok/s for prefill tok/s (each a bound on its own metric; the record
+names both in ``oracle_variant``):
+
+- ``copy``: the ``oracle`` strategy itself (Belady eviction, perfect prefetch and admissions through the
+  same copy queue, balanced split);
+- every deployable structure that can win (``static-frequency``, ``hybrimoe-paper``, ``hybrimoe``)
+  given the replayed requests' own activation counts for its placement (a clairvoyant calibration).
+
+Every variant pays the copy queue, PCIe and host-memory contention as the deployable strategies do,
+and no host time (a bound: any implementation's host time only adds). So the oracle is at least the
+deployable strategies' own structures made clairvoyant; ``sim.bounds`` checks that it bounds them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from hybrimoe_kt.core.strategies import StrategySpec, get_strategy
+from hybrimoe_kt.sim.engine import RunStats
+from hybrimoe_kt.sim.folds import Fold
+
+COPY = "copy"
+VARIANTS: tuple[str, ...] = (COPY, "static-frequency", "hybrimoe-paper", "hybrimoe")
+
+
+def variant_spec(oracle: StrategySpec, variant: str) -> StrategySpec:
+    """The strategy a variant runs (``copy``: the oracle's own spec)."""
+    return oracle if variant == COPY else get_strategy(variant)
+
+
+def own_counts(fold: Fold, n_layers: int, n_experts: int) -> np.ndarray:
+    """Activation counts [L, E] of the replayed steps themselves (clairvoyant calibration)."""
+    counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+    for (layer, e), pos in fold.uses().items():
+        counts[layer, e] = len(pos)
+    return counts
+
+
+def best_variant(results: Sequence[tuple[str, RunStats]], decode_tok_s: Sequence[float]) -> int:
+    """Index of the variant with the highest decode tok/s (the first on a tie)."""
+    best: Optional[int] = None
+    for i, v in enumerate(decode_tok_s):
+        if best is None or v > decode_tok_s[best]:
+            best = i
+    assert best is not None, "no oracle variant ran"
+    return best
