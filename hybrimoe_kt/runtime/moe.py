@@ -6,6 +6,13 @@ experts (asynchronous); queues demand loads on the copy stream; runs the GPU exp
 (waiting on copy events, no per-expert host syncs) and the shared experts meanwhile; queues the
 background copies; waits for the CPU; and sums the tiers, each expert with its own routing weight.
 The only host transfer per layer is the routing ids and weights (the CPU kernel needs them anyway).
+
+The controller gets the inputs the simulator gives it: ``now`` (when the layer's MoE part starts),
+``gpu_free`` (the cost model's predicted shared-expert time when the layer runs shared experts) and,
+through ``finish``, the whole layer's time: from the end of the previous layer call (or from
+``begin_forward`` on a forward's first layer) to the end of this one, so the attention and the rest of
+the decoder layer are included. Time comes from ``timer`` (``time.perf_counter`` unless injected: a
+test drives the runtime with the simulator's timeline).
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ class HybridMoE:
     def __init__(self, store: HostExpertStore | GgufExpertStore, tier: Tier, strategy: str | StrategySpec,
                  slots: int, cost: CostModel, top_k: int, *, counts: Optional[np.ndarray] = None,
                  cpu_backend: str = "auto", cpu_threads: Optional[int] = None, max_len: int = 512,
-                 n_scratch: int = 2, cpu_backends: Optional[Sequence[CpuExpertBackend]] = None) -> None:
+                 n_scratch: int = 2, cpu_backends: Optional[Sequence[CpuExpertBackend]] = None,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         spec = strategy if isinstance(strategy, StrategySpec) else get_strategy(strategy)
         if spec.clairvoyant:
             raise ValueError(f"strategy {spec.name} needs the future and exists only in the simulator")
@@ -86,14 +94,25 @@ class HybridMoE:
         for eid in self.policies.placement:
             self.pool.load(eid)
         self.stats = RuntimeStats()
-        self._t0 = time.perf_counter()
-        self._forward_index = 0
+        self._timer = timer
+        self._shared_s = getattr(cost, "shared", None)  # predicted shared-expert time (RooflineCost)
+        self._t0 = timer()
+        self._mark: Optional[float] = None  # when this layer's non-MoE part began (previous call's end)
+        self._begun = False                 # begin_forward() was called for the coming forward
+        self._forward_index = -1            # the first call starts forward 0 (the simulator's numbering)
         self._last_layer = n_layers
         self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
 
     @property
     def label(self) -> str:
         return self.tier.label
+
+    def begin_forward(self) -> None:
+        """Mark the start of a forward's first MoE decoder layer (its attention): the first layer's time
+        reported to the controller then includes its non-MoE part. Without it, a forward's first layer
+        reports its MoE part only."""
+        self._mark = self._timer()
+        self._begun = True
 
     def _check(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         s = self.store
@@ -115,9 +134,11 @@ class HybridMoE:
                 shared: Optional[SharedFn] = None) -> torch.Tensor:
         """Routed (+ shared) experts of MoE layer ``layer`` for ``x [N, H]``; returns ``[N, H]`` in x's dtype."""
         self._check(layer, x, topk_ids, topk_weights)
-        t_start = time.perf_counter()
+        t_start = self._timer()
         if layer <= self._last_layer:
             self._forward_index += 1
+            if not self._begun:
+                self._mark = None  # no begin_forward(): the last forward's end is not this layer's start
         self._last_layer = layer
         self.clock.now = self._forward_index * self.store.n_layers + layer
         ids_cpu = _host(topk_ids, torch.int64)        # [N, K] the one device-to-host copy
@@ -133,9 +154,10 @@ class HybridMoE:
                 raise ValueError(f"topk_ids must be in -1..{self.store.n_experts - 1}, got {int(lo)}..{int(hi)}")
         n = x.shape[0]
         routing = LayerRouting.from_topk(layer, ids_np, w_cpu.numpy(), is_prefill=n > 1)
-        d = self.controller.decide(routing, t_start - self._t0, 0.0, n > 1)
+        gpu_free = self._shared_s(n) if shared is not None and self._shared_s is not None else 0.0
+        d = self.controller.decide(routing, t_start - self._t0, gpu_free, n > 1)
         plan = d.plan
-        t_plan = time.perf_counter()
+        t_plan = self._timer()
         pool, tier = self.pool, self.tier
         for eid in plan.evictions:
             pool.release(eid)
@@ -182,14 +204,14 @@ class HybridMoE:
                 sid = torch.from_numpy(np.where(ids_np == e, s, -1).astype(np.int32)).to(dev, non_blocking=True)
                 out += gpu_experts_forward(x_dev, sid, w_dev, pool.weights, active_slots=[s])
                 pool.after_compute([s])
-        t_dispatch = time.perf_counter()
+        t_dispatch = self._timer()
         # background copies are decided while the kernels run, then queued behind the demand loads
         bg = self.controller.background()
         for eid in bg.evictions:
             pool.release(eid)
         for eid in bg.copies:
             pool.load(eid)
-        t_background = time.perf_counter()
+        t_background = self._timer()
         if plan.cpu and not plan.gpu and shared_out is None:
             backend.sync()  # CPU tier only: its output is the result
             result = cpu_out.to(dev, x.dtype)
@@ -202,8 +224,9 @@ class HybridMoE:
             if shared_out is not None:
                 out += shared_out.to(torch.float32)
             result = out.to(x.dtype)
-        t_end = time.perf_counter()
-        self.controller.finish(t_end - t_start)
+        t_end = self._timer()
+        self.controller.finish(t_end - (t_start if self._mark is None else self._mark))
+        self._mark, self._begun = t_end, False
         st = self.stats
         st.forwards += 1
         st.decide_s += t_plan - t_start
