@@ -2,9 +2,11 @@
 rest.
 
 Frequency-based placements learn from a separate profiling run; here they learn from the requests that
-are not being replayed (leave one request out), never from the replayed tokens. A trace without request
-ids (a batched serving log) is split into two halves of its forwards, each replayed with counts from
-the other half.
+are not being replayed (leave one request out), never from the replayed tokens. In a batched log with
+known request ids, requests that share a forward form one batch; each batch is replayed with counts
+from the other batches (leave one batch out), and its steps carry the batch's first request id. A trace
+without request ids (or with a single batch) is split into two halves of its forwards, each replayed
+with counts from the other half.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class Fold:
         return self.steps[i].routings[layer] if i < len(self.steps) else None
 
 
-def _steps(trace: Trace, forwards: list[Forward], prefill_chunk: int) -> tuple[Step, ...]:
+def _steps(trace: Trace, forwards: list[Forward], prefill_chunk: int,
+           request: Optional[int] = None) -> tuple[Step, ...]:
+    """Steps of ``forwards``; ``request`` (when given) labels every step, e.g. a batch's first request."""
     out: list[Step] = []
     for f in forwards:
         chunks = [f.rows]
@@ -53,8 +57,34 @@ def _steps(trace: Trace, forwards: list[Forward], prefill_chunk: int) -> tuple[S
         for rows in chunks:
             part = Forward(rows, f.is_prefill, f.seq, f.step)
             routings = tuple(trace.layer_routing(part, l) for l in range(trace.n_layers))
-            out.append(Step(routings, int(rows.size), f.is_prefill, f.seq))
+            out.append(Step(routings, int(rows.size), f.is_prefill, f.seq if request is None else request))
     return tuple(out)
+
+
+def batches(trace: Trace, forwards: list[Forward]) -> list[tuple[list[int], list[Forward]]]:
+    """Requests linked by shared forwards (transitively), in order of first appearance, each with
+    its forwards in execution order."""
+    parent: dict[int, int] = {r: r for r in trace.requests()}
+
+    def root(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    seqs = [np.unique(trace.seq_id[f.rows]) for f in forwards]
+    for ids in seqs:
+        for other in ids[1:]:
+            a, b = root(int(ids[0])), root(int(other))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for r in trace.requests():
+        members.setdefault(root(r), []).append(r)
+    mine: dict[int, list[Forward]] = {g: [] for g in members}
+    for f, ids in zip(forwards, seqs):
+        mine[root(int(ids[0]))].append(f)
+    return [(members[g], mine[g]) for g in members]
 
 
 def make_folds(trace: Trace, prefill_chunk: int = 512) -> list[Fold]:
@@ -68,6 +98,15 @@ def make_folds(trace: Trace, prefill_chunk: int = 512) -> list[Fold]:
             mine = [f for f in forwards if f.seq == req]
             other_rows = np.flatnonzero(trace.seq_id != req)
             folds.append(Fold(f"request {req}", _steps(trace, mine, prefill_chunk),
+                              trace.expert_counts(other_rows)))
+        return folds
+    groups = batches(trace, forwards) if (trace.seq_id >= 0).all() else []
+    if len(groups) >= 2:
+        for members, mine in groups:
+            other_rows = np.flatnonzero(~np.isin(trace.seq_id, members))
+            name = (f"batch of request {members[0]}" if len(members) == 1 else
+                    f"batch of requests {members[0]}..{members[-1]} ({len(members)})")
+            folds.append(Fold(name, _steps(trace, mine, prefill_chunk, request=members[0]),
                               trace.expert_counts(other_rows)))
         return folds
     if len(forwards) < 2:
