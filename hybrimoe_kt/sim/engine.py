@@ -56,6 +56,7 @@ class RunStats:
     copy_busy_s: float = 0.0
     stall_s: float = 0.0
     bytes_copied: int = 0
+    decode_bytes_copied: int = 0     # part of bytes_copied issued during decode steps
     demand_loads: int = 0
     background_copies: int = 0
     streamed_loads: int = 0
@@ -124,6 +125,8 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
             if not free:
                 st.copy_busy_s += n_copies * xfer
                 st.bytes_copied += n_copies * nbytes
+                if not step.is_prefill:
+                    st.decode_bytes_copied += n_copies * nbytes
             tokens = dict(zip(r.experts, r.tokens))
             # CPU tier, slowed while the copy queue reads host memory
             cpu_t = 0.0
