@@ -46,7 +46,7 @@ class Controller:
         self.policies = policies
         self.spec = policies.spec
         self.cache = cache
-        self.cost = cost
+        self.cost = _FreeTransfers(cost) if self.spec.free_transfers else cost  # policies price copies at 0
         self.clock = clock
         self.top_k = top_k
         self.copy_free_at = 0.0     # predicted time at which the copy queue is idle
@@ -153,6 +153,19 @@ class Controller:
             out.append(eid)
             lands.append(t)
         return out, lands
+
+
+class _FreeTransfers:
+    """A cost model whose transfers cost nothing (bounds with free transfers), else the same."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self._cost = cost
+
+    def __getattr__(self, name: str):  # delegate everything else
+        return getattr(self._cost, name)
+
+    def transfer(self) -> float:
+        return 0.0
 
 
 class _View:
