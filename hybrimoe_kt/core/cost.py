@@ -54,7 +54,7 @@ class RooflineCost:
 
     @staticmethod
     def build(profile: HardwareProfile, model: ModelPreset, cpu_format: str = "q4_k_m",
-              gpu_format: str = "int4-g128") -> "RooflineCost":
+              gpu_format: str = "bf16") -> "RooflineCost":
         us = 1e-6
         b_cpu = model.expert_bytes(cpu_format)
         b_gpu = model.expert_bytes(gpu_format)

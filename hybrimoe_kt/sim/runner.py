@@ -60,7 +60,8 @@ class SimSetup:
             raise ValueError(f"hardware profile {self.profile.name} has no host section: run 'hybrimoe-kt "
                              f"calibrate' to measure it, or pass --host-cost zero for an ablation")
         name = f"hardware profile {self.profile.name}"
-        return {p: host.get(spec.name, p, name) for p in PHASES}
+        base = spec.name.split("/", 1)[0]  # an ablation variant ('hybrimoe/x') pays its base's host time
+        return {p: host.get(base, p, name) for p in PHASES}
 
     def check(self) -> None:
         t, m = self.trace, self.model
