@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from hybrimoe_kt.core.hardware import HardwareProfile
 from hybrimoe_kt.core.models import MODEL_PRESETS, ModelPreset, get_model
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", default=None,
                    help="trace file (NAME.npz/.json or stem) or synthetic:PRESET; default: the real "
                         "Mixtral trace in ../shared/traces when present, else synthetic:mixtral-8x7b")
+    from hybrimoe_kt.traces.workloads import WORKLOADS
+
+    p.add_argument("--workload", default=None,
+                   help="instead of --trace: synthetic traces of a workload preset for --model, one "
+                        "per prompt length and batch (" +
+                        "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()) + ")")
     p.add_argument("--model", default=None, help=f"model preset ({', '.join(MODEL_PRESETS)}); "
-                   "default: inferred from the trace")
+                   "default: inferred from the trace; required with --workload")
     p.add_argument("--hardware", default="rtx4090-ddr5", help="hardware profile preset name or JSON path")
     p.add_argument("--cache-ratio", default="0.25,0.5,0.75", help="GPU cache sizes as fractions of the "
                    "routed experts, comma-separated")
@@ -102,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
     from hybrimoe_kt.sim.runner import SimSetup, simulate
     from hybrimoe_kt.traces.spec import parse_trace_spec
 
+    if args.workload is not None and args.trace is not None:
+        raise ValueError(f"--workload {args.workload} and --trace {args.trace} both name the input: "
+                         f"pass one of them")
+    if args.workload is not None and not args.model:
+        raise ValueError(f"--workload {args.workload} needs --model to generate its traces: pass "
+                         f"--model (one of {', '.join(MODEL_PRESETS)})")
     spec = args.trace or default_trace()
     ratios = parse_ratios(args.cache_ratio)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -110,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if "stock" not in names:
         names.insert(0, "stock")  # speedups are relative to it
     profile = load_profile(args.hardware)
+    if args.workload is not None:
+        return run_workload(args, names, ratios, profile)
     trace = parse_trace_spec(spec, seed=args.seed)
     model = get_model(args.model) if args.model else infer_model(
         trace.model, trace.n_layers, trace.n_experts, trace.top_k)
@@ -135,4 +150,40 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         title = f"SIMULATED - {trace_name} - {model.name} on {profile.name} - {mode_label(setup)}"
         print(f"wrote {plot(records, Path(args.plot), title)}")
+    return 0
+
+
+def run_workload(args: argparse.Namespace, names: list[str], ratios: list[float],
+                 profile: HardwareProfile) -> int:
+    """``--workload``: simulate every trace of the preset; records carry the workload, batch and lengths."""
+    from hybrimoe_kt.provenance import provenance
+    from hybrimoe_kt.sim.report import format_table, plot
+    from hybrimoe_kt.sim.runner import SimSetup, simulate
+    from hybrimoe_kt.traces.workloads import get_workload, workload_traces
+
+    workload = get_workload(args.workload)  # fails on a bad name before any work
+    model = get_model(args.model)
+    records: list[dict] = []
+    for wt in workload_traces(workload, model, seed=args.seed):
+        setup = SimSetup(wt.trace, wt.label, model, profile, args.cpu_format,
+                         args.gpu_format, args.prefill_chunk, host_cost=args.host_cost)
+        recs = simulate(setup, names, ratios, progress=not args.no_progress,
+                        provenance=provenance(seed=args.seed, trace_spec=f"workload:{workload.name}"))
+        for r in recs:
+            r.update(wt.record_fields())
+        records.extend(recs)
+        print(f"SIMULATED: workload {wt.label} (batch {wt.batch}, prompt {wt.prompt_len}, output "
+              f"{wt.output_len}, {wt.trace.n_tokens} tokens), model {model.name}, hardware profile "
+              f"{profile.name} (cost model, not a measurement); {mode_label(setup)}")
+        print(format_table(recs))
+        if args.plot:
+            out = Path(args.plot)
+            path = out.with_name(f"{out.stem}-p{wt.prompt_len}-b{wt.batch}{out.suffix or '.png'}")
+            title = f"SIMULATED - {wt.label} - {model.name} on {profile.name} - {mode_label(setup)}"
+            print(f"wrote {plot(recs, path, title)}")
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {out}")
     return 0
