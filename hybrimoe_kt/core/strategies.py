@@ -116,15 +116,25 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
     """Fresh policy objects for one run.
 
     ``counts`` [L, E]: activation counts from calibration data (never the replayed tokens), for the
-    initial placement and the static policy. ``uses``/``future``: the replayed run's future, only for
+    initial placement and the static policy: required (ValueError) by a static placement; a cache
+    strategy without them starts with an empty cache. ``uses``/``future``: the replayed run's future, only for
     clairvoyant strategies.
     """
     if spec.clairvoyant and (uses is None or future is None):
         raise ValueError(f"strategy {spec.name} is clairvoyant: pass the future (uses, future)")
-    if counts is None:
-        counts = np.zeros((n_layers, n_experts), dtype=np.int64)
     placement: tuple[ExpertId, ...] = ()
-    if spec.placement == "frequency" and slots > 0:
+    if spec.eviction == "static" and slots > 0 and (counts is None or not np.any(counts)):
+        # the placement IS this strategy's GPU set: without counts it would be an arbitrary one (the
+        # lowest (layer, expert) ids, e.g. every slot in Mixtral's first layers)
+        got = "no calibration counts" if counts is None else "calibration counts that are all zero"
+        raise ValueError(f"strategy {spec.name} places its fixed GPU experts by calibration frequency but got "
+                         f"{got}: pass counts [L, E] from other requests (in a rule file, "
+                         f"'placement_counts:' = a routing trace or a .npy of [L, E] counts, e.g. recorded "
+                         f"with 'hybrimoe-kt record')")
+    if counts is None:
+        # without calibration counts a cache strategy starts empty (its placement is only a warm start)
+        counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+    elif spec.placement == "frequency" and slots > 0:
         chosen = (place_frequency(counts, slots) if spec.pool == "global"
                   else place_per_layer_quota(counts, slots))
         placement = tuple(sorted(chosen))

@@ -19,7 +19,8 @@ and builds it. Rule kwargs (see ``optimize_rules/*.yaml``):
 - ``prefetch_depth`` (layers ahead), ``cpu_threads``, ``cpu_backend`` (auto / kt-kernel / torch),
   ``hardware_profile`` (preset name or calibrated JSON: the cost model the decisions use),
   ``placement_counts`` (a routing trace or a ``.npy`` [L, E] of activation counts for the initial and
-  static placement; never the requests being served).
+  static placement; never the requests being served): required by ``static-frequency`` (the runtime
+  refuses to build without it); without it a cache strategy starts with an empty GPU cache.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -85,6 +86,20 @@ def gguf_store(path: str | Path, layer_ids: list[int], n_experts: int) -> GgufEx
     return store
 
 
+def _mark_forward_start(model: torch.nn.Module, first_key: str, runtime: HybridMoE) -> None:
+    """Call ``runtime.begin_forward()`` when the decoder layer of the first MoE operator starts, so the
+    first MoE layer's time given to the controller includes its attention, as the simulator's does.
+    Falls back to the model's own forward start when that decoder layer cannot be found by name."""
+    m = re.match(r"^(.*?(?:^|\.)layers\.\d+)\.", first_key)
+    target: torch.nn.Module = model
+    if m is not None:
+        try:
+            target = model.get_submodule(m.group(1))
+        except AttributeError:
+            log.debug("no module %s in the model; marking forward starts at the model's forward", m.group(1))
+    target.register_forward_pre_hook(lambda _module, _args: runtime.begin_forward())
+
+
 def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
                    overrides: Optional[Mapping[str, Any]] = None,
                    gguf_path: Optional[str | Path] = None) -> Optional[HybridMoE]:
@@ -129,11 +144,18 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
     slots = total if spec.pool == "global" else total // n_l
     preset = preset_from_config(config, n_l, n_e, k, store.hidden, store.intermediate, model)
     cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16")
-    runtime = HybridMoE(store, Tier(s.device), spec, slots, cost, k,
-                        counts=_counts(s.placement_counts, n_l, n_e), cpu_backend=s.cpu_backend,
-                        cpu_threads=s.cpu_threads)
+    counts = _counts(s.placement_counts, n_l, n_e)
+    if spec.eviction == "static" and slots > 0 and counts is None:
+        raise ValueError(f"{ops[0].key}: strategy {spec.name} ({type(ops[0]).__name__}) keeps a fixed GPU expert "
+                         f"set chosen by calibration frequency and needs calibration counts: add "
+                         f"'placement_counts: <routing trace or .npy of [L, E] counts>' to the rule's kwargs "
+                         f"(record a trace on other prompts with 'hybrimoe-kt record'), or give it no GPU "
+                         f"budget (cache_ratio: 0)")
+    runtime = HybridMoE(store, Tier(s.device), spec, slots, cost, k, counts=counts,
+                        cpu_backend=s.cpu_backend, cpu_threads=s.cpu_threads)
     for i, op in enumerate(ops):
         op.runtime, op.moe_index = runtime, i
+    _mark_forward_start(model, ops[0].key, runtime)
     log.info("HybriMoE runtime: %d MoE layers, %d experts, strategy %s, %d GPU slots, GPU tier: %s",
              n_l, n_e, spec.name, runtime.cache.capacity, runtime.label)
     return runtime

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,25 @@ def check_close(got: list[int], want: list[int], ref_logits: torch.Tensor, new_l
             break
 
 
+def calibration_counts(base, tok, model_dir: Path) -> Path:
+    """Routing counts [L, E] recorded on another prompt (what 'hybrimoe-kt record' gives), as a .npy."""
+    from hybrimoe_kt.traces.recorder import record_trace
+
+    path = model_dir / "calibration-counts.npy"
+    if not path.exists():
+        trace = record_trace(base, ["a lazy dog sleeps in the sun all day"], max_new_tokens=4, tokenizer=tok)
+        np.save(path, trace.expert_counts())
+    return path
+
+
+def test_static_rules_without_counts_fail_with_the_fix(tiny_dirs: dict[str, Path]) -> None:
+    rules = REPO / "optimize_rules" / "Mixtral-static.yaml"
+    with pytest.raises(ValueError) as err:
+        load_hybrid(tiny_dirs["mixtral"], rules, progress=False)
+    msg = str(err.value)
+    assert "static-frequency" in msg and "placement_counts" in msg and "hybrimoe-kt record" in msg
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_rules_keep_greedy_tokens(family: str, tiny_dirs: dict[str, Path]) -> None:
     base, tok = load_model(tiny_dirs[family])
@@ -60,9 +80,11 @@ def test_rules_keep_greedy_tokens(family: str, tiny_dirs: dict[str, Path]) -> No
     ref_logits = logits(base, full)
     bf16_logits = logits(load_model(tiny_dirs[family], dtype=torch.bfloat16)[0], full)
     bf16_err = float((bf16_logits - ref_logits).norm() / ref_logits.norm())
+    counts = calibration_counts(base, tok, tiny_dirs[family])
     for kind in ("stock", "static", "hybrimoe"):
         rules = REPO / "optimize_rules" / f"{RULE_NAMES[family]}-{kind}.yaml"
-        hm = load_hybrid(tiny_dirs[family], rules, progress=False)
+        over = {"placement_counts": str(counts)} if kind == "static" else None
+        hm = load_hybrid(tiny_dirs[family], rules, progress=False, overrides=over)
         ops = [m for m in hm.model.modules() if isinstance(m, HybriMoEExperts)]
         assert ops and all(op.runtime is hm.runtime for op in ops)
         got = greedy(hm.model, ids)
