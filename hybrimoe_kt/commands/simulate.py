@@ -58,13 +58,58 @@ def mode_label(setup: object) -> str:
                                if getattr(setup, "projection") else "")
 
 
-def parse_ratios(text: str) -> list[float]:
-    try:
-        ratios = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--cache-ratio takes comma-separated fractions like 0.25,0.5,0.75, got {text!r}") from None
-    if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
-        raise ValueError(f"--cache-ratio values must be fractions in [0, 1], got {text!r}")
+DEFAULT_CACHE_RATIOS = "0.25,0.5,0.75"
+CacheSize = tuple[str, float]  # ("ratio", r), ("max", 0.0) or ("gib", G)
+
+
+def parse_cache_sizes(ratio_text: Optional[str], gib_text: Optional[str]) -> list[CacheSize]:
+    """``--cache-ratio 0.25,max`` or ``--cache-gib 4,8`` (not both), checked before any work."""
+    if ratio_text is not None and gib_text is not None:
+        raise ValueError(f"--cache-ratio {ratio_text} and --cache-gib {gib_text} both size the cache: pass one")
+    flag, text = ("--cache-gib", gib_text) if gib_text is not None else ("--cache-ratio", ratio_text or
+                                                                         DEFAULT_CACHE_RATIOS)
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    out: list[CacheSize] = []
+    for x in items:
+        if flag == "--cache-ratio" and x == "max":
+            out.append(("max", 0.0))
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            raise ValueError(f"{flag} takes comma-separated " + ("fractions like 0.25,0.5,max" if flag ==
+                             "--cache-ratio" else "sizes in GiB like 4,8") + f", got {text!r}") from None
+        if flag == "--cache-ratio" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"--cache-ratio values must be fractions in [0, 1] or max, got {text!r}")
+        if flag == "--cache-gib" and not (v >= 0.0 and v < float("inf")):
+            raise ValueError(f"--cache-gib values must be GiB >= 0, got {text!r}")
+        out.append(("ratio" if flag == "--cache-ratio" else "gib", v))
+    if not out:
+        raise ValueError(f"{flag} needs at least one value, got {text!r}")
+    return out
+
+
+def resolve_cache_sizes(sizes: list[CacheSize], model: ModelPreset, gpu_format: str,
+                        profile: HardwareProfile) -> list[float]:
+    """Cache ratios of the parsed sizes for this model and GPU (``max``: the largest that fits)."""
+    from hybrimoe_kt.core.memory import cache_ratio_for_gib, max_cache_ratio
+
+    ratios: list[float] = []
+    for kind, v in sizes:
+        if kind == "max":
+            if not profile.gpu_mem_gib > 0:
+                raise ValueError(f"--cache-ratio max needs the GPU memory size, but hardware profile "
+                                 f"{profile.name} has no gpu_mem_gib: add it to the profile or pass ratios")
+            r = max_cache_ratio(model, gpu_format, profile.gpu_mem_gib)
+            print(f"--cache-ratio max: {r:.4g} for {model.name} ({gpu_format}) on {profile.name} "
+                  f"({profile.gpu_mem_gib:g} GiB)")
+        elif kind == "gib":
+            r = cache_ratio_for_gib(model, gpu_format, v)
+            print(f"--cache-gib {v:g}: cache ratio {r:.4g} for {model.name} ({gpu_format})")
+        else:
+            r = v
+        if r not in ratios:
+            ratios.append(r)
     return ratios
 
 
@@ -83,8 +128,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help=f"model preset ({', '.join(MODEL_PRESETS)}); "
                    "default: inferred from the trace; required with --workload")
     p.add_argument("--hardware", default="rtx4090-ddr5", help="hardware profile preset name or JSON path")
-    p.add_argument("--cache-ratio", default="0.25,0.5,0.75", help="GPU cache sizes as fractions of the "
-                   "routed experts, comma-separated")
+    p.add_argument("--cache-ratio", default=None, help="GPU cache sizes as fractions of the routed "
+                   f"experts, comma-separated (default {DEFAULT_CACHE_RATIOS}); 'max' = the largest that fits "
+                   "the profile's GPU memory beside the resident weights, KV cache and reserve")
+    p.add_argument("--cache-gib", default=None, help="instead of --cache-ratio: expert cache sizes in GiB, "
+                   "comma-separated (whole slots per MoE layer in the GPU format)")
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategy names")
     p.add_argument("--cpu-format", default="q4_k_m", help="weight format of the CPU experts (the runtime "
                    "runs bf16, q8_0, q4_k_m; others are labelled projection)")
@@ -116,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workload {args.workload} needs --model to generate its traces: pass "
                          f"--model (one of {', '.join(MODEL_PRESETS)})")
     spec = args.trace or default_trace()
-    ratios = parse_ratios(args.cache_ratio)
+    sizes = parse_cache_sizes(args.cache_ratio, args.cache_gib)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for n in names:
         get_strategy(n)  # fail on a bad name before any work
@@ -124,10 +172,12 @@ def run(args: argparse.Namespace) -> int:
         names.insert(0, "stock")  # speedups are relative to it
     profile = load_profile(args.hardware)
     if args.workload is not None:
+        ratios = resolve_cache_sizes(sizes, get_model(args.model), args.gpu_format, profile)
         return run_workload(args, names, ratios, profile)
     trace = parse_trace_spec(spec, seed=args.seed)
     model = get_model(args.model) if args.model else infer_model(
         trace.model, trace.n_layers, trace.n_experts, trace.top_k)
+    ratios = resolve_cache_sizes(sizes, model, args.gpu_format, profile)
     trace_name = spec if spec.startswith("synthetic:") else Path(spec).name.removesuffix(".npz").removesuffix(".json")
     setup = SimSetup(trace, trace_name, model, profile, args.cpu_format, args.gpu_format, args.prefill_chunk,
                      host_cost=args.host_cost)

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional
 
 from hybrimoe_kt.core.host import HostCosts
 
-PRESET_NAMES = ("rtx4090-ddr5", "a6000-tr5995wx", "rtx4080-2x8452y")
+PRESET_NAMES = ("rtx4090-ddr5", "a6000-tr5995wx", "rtx4080-2x8452y", "rtx5090-ddr5", "rtx3090-ddr4",
+                "a6000-xeon10")
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,12 +37,23 @@ class ModelPreset:
     attn_params: int          # attention weights per layer (approximate; MLA counted by its projections)
     vocab: int
     dense_intermediate: int = 0  # FFN width of the leading dense layers (0 if none)
+    # KV cache shape. GQA/MHA models: n_kv_heads x head_dim for K and again for V per layer and token.
+    # MLA models (DeepSeek): kv_latent = kv_lora_rank + qk_rope_head_dim, the compressed latent that
+    # kTransformers/SGLang cache instead of per-head K and V (Hugging Face's eager DeepSeek code
+    # decompresses and caches full per-head K/V; see kv_bytes_per_token). All 0 = unknown.
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    kv_latent: int = 0
+    tied_embeddings: bool = False  # LM head shares the embedding matrix (counted once)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"{self.name}: top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
         if not 0 <= self.n_dense_layers < self.n_layers:
             raise ValueError(f"{self.name}: n_dense_layers={self.n_dense_layers} out of range")
+        if min(self.n_kv_heads, self.head_dim, self.kv_latent) < 0:
+            raise ValueError(f"{self.name}: n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+                             f"kv_latent={self.kv_latent} must be >= 0 (0 = unknown)")
 
     @property
     def n_moe_layers(self) -> int:
@@ -73,6 +84,31 @@ class ModelPreset:
     def routed_bytes_per_token(self, fmt: str) -> int:
         return self.n_moe_layers * self.top_k * self.expert_bytes(fmt)
 
+    @property
+    def kv_known(self) -> bool:
+        return self.kv_latent > 0 or (self.n_kv_heads > 0 and self.head_dim > 0)
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV cache bytes per token over all layers (bf16 by default); 0 when the shape is unknown.
+
+        MLA: one latent vector of ``kv_latent`` values per layer (the compressed cache of kTransformers
+        and SGLang); GQA/MHA: K and V, ``n_kv_heads * head_dim`` each."""
+        per_layer = self.kv_latent if self.kv_latent > 0 else 2 * self.n_kv_heads * self.head_dim
+        return self.n_layers * per_layer * dtype_bytes
+
+    def resident_params(self) -> dict[str, int]:
+        """Weights that stay on the GPU besides the routed experts, by part (parameter counts)."""
+        h = self.hidden
+        return {
+            "attention": self.n_layers * self.attn_params,
+            "shared_experts": self.n_moe_layers * 3 * h * self.shared_intermediate,
+            "dense_mlp": self.n_dense_layers * 3 * h * self.dense_intermediate,
+            "embeddings": self.vocab * h,
+            "lm_head": 0 if self.tied_embeddings else self.vocab * h,
+            # routers and RMSNorm weights (two per layer and the final one), kept in bf16
+            "routers_norms": self.n_moe_layers * self.n_experts * h + (2 * self.n_layers + 1) * h,
+        }
+
 
 def bits_per_weight(fmt: str) -> float:
     try:
@@ -82,26 +118,28 @@ def bits_per_weight(fmt: str) -> float:
 
 
 # Shapes from each model's Hugging Face config.json. attn_params: q/k/v/o projections for GQA models,
-# q(_a/_b), kv_a, kv_b and o projections for MLA (DeepSeek).
+# q(_a/_b), kv_a, kv_b and o projections for MLA (DeepSeek). KV shape: num_key_value_heads and head_dim
+# (hidden / num_attention_heads where the config has no head_dim); MLA latent = kv_lora_rank (512) +
+# qk_rope_head_dim (64). No preset ties its embeddings (tie_word_embeddings false in every config).
 MODEL_PRESETS: Mapping[str, ModelPreset] = {
     p.name: p
     for p in (
         ModelPreset("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32, 0, 8, 2, 0, 4096, 14336, 0,
-                    4096 * 4096 * 2 + 2 * 4096 * 1024, 32000),
+                    4096 * 4096 * 2 + 2 * 4096 * 1024, 32000, n_kv_heads=8, head_dim=128),
         ModelPreset("qwen2-57b-a14b", "Qwen/Qwen2-57B-A14B", 28, 0, 64, 8, 1, 3584, 2560, 20480,
-                    3584 * 3584 * 2 + 2 * 3584 * 512, 151936),
+                    3584 * 3584 * 2 + 2 * 3584 * 512, 151936, n_kv_heads=4, head_dim=128),
         ModelPreset("deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite", 27, 1, 64, 6, 2, 2048, 1408,
                     2 * 1408, 2048 * 16 * 192 + 2048 * 576 + 512 * 16 * 256 + 16 * 128 * 2048, 102400,
-                    dense_intermediate=10944),
+                    dense_intermediate=10944, kv_latent=512 + 64),
         ModelPreset("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", 48, 0, 128, 8, 0, 2048, 768, 0,
-                    2048 * 4096 * 2 + 2 * 2048 * 512, 151936),
+                    2048 * 4096 * 2 + 2 * 2048 * 512, 151936, n_kv_heads=4, head_dim=128),
         ModelPreset("deepseek-v3", "deepseek-ai/DeepSeek-V3", 61, 3, 256, 8, 1, 7168, 2048, 2048,
                     7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168,
-                    129280, dense_intermediate=18432),
+                    129280, dense_intermediate=18432, kv_latent=512 + 64),
         ModelPreset("qwen1.5-moe-a2.7b", "Qwen/Qwen1.5-MoE-A2.7B", 24, 0, 60, 4, 4, 2048, 1408, 5632,
-                    4 * 2048 * 2048, 151936),
+                    4 * 2048 * 2048, 151936, n_kv_heads=16, head_dim=128),
         ModelPreset("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924", 16, 0, 64, 8, 0, 2048, 1024, 0,
-                    4 * 2048 * 2048, 50304),
+                    4 * 2048 * 2048, 50304, n_kv_heads=16, head_dim=128),
     )
 }
 

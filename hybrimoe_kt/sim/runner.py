@@ -11,6 +11,7 @@ from hybrimoe_kt.core.cache import ExpertCache
 from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import HardwareProfile
 from hybrimoe_kt.core.host import HOST_FREE, PHASES, HostTime
+from hybrimoe_kt.core.memory import MemoryBudget, memory_budget
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for
@@ -150,6 +151,17 @@ def _host_fields(ht: Optional[Mapping[str, HostTime]]) -> dict[str, float]:
     return out
 
 
+def check_memory(setup: SimSetup, specs: Sequence[StrategySpec], ratios: Sequence[float]) -> MemoryBudget:
+    """Refuse, before any work, a cache ratio whose expert cache does not fit the profile's GPU memory."""
+    budget = memory_budget(setup.model, setup.gpu_format, setup.profile.gpu_mem_gib)
+    if not budget.known:
+        log.warning("hardware profile %s has no gpu_mem_gib: cache ratios are not checked against GPU memory",
+                    setup.profile.name)
+    for r in ratios if any(s.uses_gpu_cache for s in specs) else [0.0]:
+        budget.check(r, where=f"hardware profile {setup.profile.name}")
+    return budget
+
+
 def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: Iterable[float],
              progress: bool = False, provenance: Optional[dict] = None,
              workers: Optional[int] = None) -> list[dict]:
@@ -163,6 +175,7 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
     for r in ratios:
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"cache ratio {r} is outside [0, 1]")
+    budget = check_memory(setup, specs, ratios)
     t = setup.trace
     cost = RooflineCost.build(setup.profile, setup.model, setup.cpu_format, setup.gpu_format)
     host = {s.name: setup.host_times(s) for s in specs}  # fails on a missing host time before any work
@@ -185,18 +198,21 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
         for spec in specs:
             oracle_variant = None
             if spec.name == "oracle":  # the best clairvoyant variant (sim/oracle.py)
-                runs = [Metrics.from_stats(done[(spec, ratio, v)], setup.time_scale) for v in VARIANTS]
+                runs = [Metrics.from_stats(done[(spec, ratio, v)], setup.time_scale, cost,
+                                           variant_spec(spec, v).free_transfers) for v in VARIANTS]
                 i = best_variant(list(VARIANTS), [m.decode_tok_s for m in runs])
                 j = best_variant(list(VARIANTS), [m.prefill_tok_s for m in runs])
                 oracle_variant = {"decode": VARIANTS[i], "prefill": VARIANTS[j]}
                 m = dataclasses.replace(runs[i], prefill_tok_s=runs[j].prefill_tok_s)
             else:
-                m = Metrics.from_stats(done[(spec, ratio, None)], setup.time_scale)
+                m = Metrics.from_stats(done[(spec, ratio, None)], setup.time_scale, cost, spec.free_transfers)
             if spec.name == "stock":
                 stock[ratio] = m
             out.append({"strategy": spec.name, "cache_ratio": ratio, **m.as_dict(), **_host_fields(host[spec.name]),
                         "slots": slots_for(spec, t.n_layers, t.n_experts, ratio),
                         "pool": spec.pool, "bound": spec.name in BOUNDS,
+                        "cache_gib": budget.breakdown(ratio)["expert_cache"] if spec.uses_gpu_cache else 0.0,
+                        "memory_gib": budget.breakdown(ratio if spec.uses_gpu_cache else 0.0),
                         **({"oracle_variant": oracle_variant} if oracle_variant else {})})
     if bar is not None:
         bar.close()
