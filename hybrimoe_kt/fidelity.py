@@ -7,10 +7,14 @@ counts and a ``RooflineCost`` built from the profile for the SAME reduced shape 
 predicted time of each layer call is read off the engine itself (see ``_TimedCache``), so the prediction
 is the simulator's timing, not a re-derivation of it.
 
-The runtime's layer call runs only the routed experts (no attention, no shared experts), so the cost
-model's non-MoE terms (attention, shared experts, per-layer GPU overhead, dense layers and LM head) are
-set to zero for both sides. For ``stock`` every routed expert runs on the CPU kernel and the prediction
-is ``cpu_call + sum over activated experts of cpu_expert(tokens)``.
+Each layer of the stack also runs an attention-like part before its MoE block and shared experts next
+to the routed ones (``runtime.dense_parts``, a DeepSeek-V2-shaped layer), and the runtime's own host
+work; the measured time of a layer is the whole layer (``RunRecord.layer_s``). The simulator prices the
+attention-like part and the shared experts with ``stack_cost`` and charges the profile's host time per
+layer call (its ``host`` section, per strategy and phase). Dense layers and the LM head are not in the
+stack: their terms are zero. With ``--no-dense`` the stack runs routed experts only and every non-MoE
+term is zero (``moe_only_cost``): for ``stock`` the prediction is then ``cpu_call + sum over activated
+experts of cpu_expert(tokens)`` plus the host time.
 
 Without a GPU the runtime's GPU tier is the CPU stand-in (torch on the CPU), which the profile's GPU tier
 does not describe: rows of strategies that put experts on that tier are informative only.
@@ -21,13 +25,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from hybrimoe_kt.core.cache import ExpertCache
 from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import HardwareProfile
+from hybrimoe_kt.core.host import ZERO_HOST, HostTime
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy
@@ -48,12 +53,35 @@ def moe_only_cost(profile: HardwareProfile, model: ModelPreset) -> RooflineCost:
                    layer_fixed=0.0, extra_mem=0.0, extra_per_token=0.0, n_extra_layers=0)
 
 
+def stack_cost(profile: HardwareProfile, model: ModelPreset, attn: Optional[tuple[float, float]] = None,
+               shared: Optional[tuple[float, float]] = None) -> RooflineCost:
+    """The cost model of a stack with attention-like parts and shared experts (``model`` says their
+    sizes): bf16 on both tiers, no dense layers or LM head, no per-layer overhead beyond the parts.
+    ``attn``/``shared``: (weight-read seconds, seconds per token) measured on the GPU tier in use (the
+    CPU stand-in, which the profile does not describe); None takes them from the profile."""
+    cost = replace(RooflineCost.build(profile, model, "bf16", "bf16"), layer_fixed=0.0, extra_mem=0.0,
+                   extra_per_token=0.0, n_extra_layers=0)
+    if attn is not None:
+        cost = replace(cost, attn_mem=attn[0], attn_per_token=attn[1])
+    if shared is not None:
+        cost = replace(cost, shared_mem=shared[0], shared_per_token=shared[1])
+    return cost
+
+
+def fit_two_point(t1: float, tn: float, n: int) -> tuple[float, float]:
+    """(weight-read s, s per token) of ``max(mem, n * per_token)`` through t(1) and t(n)."""
+    if n <= 1:
+        return t1, 0.0
+    return t1, max(tn, 0.0) / n
+
+
 class _TimedCache(ExpertCache):
     """An ExpertCache that records the simulated time at which each layer's plan is decided.
 
     The engine calls ``account`` once per layer from ``Controller.decide`` with the time the layer's MoE
-    part starts; with the non-MoE terms at zero, a layer ends exactly where the next one starts, so the
-    differences of these times are the engine's own per-layer times.
+    part starts, after the layer's non-MoE part (``cost.non_moe``) and its critical host time; a layer
+    ends where the next layer's non-MoE part starts (the last one where its step ends), so the engine's
+    own per-layer times follow from these times and its step times.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -75,21 +103,29 @@ class Prediction:
 
 
 def simulate_layers(steps: Sequence[Step], cost: RooflineCost, spec: StrategySpec, counts: np.ndarray,
-                    slots: int, top_k: int) -> Prediction:
-    """Run the simulator's engine over ``steps``; returns each layer call's simulated time."""
+                    slots: int, top_k: int, host: Optional[Mapping[str, HostTime]] = None) -> Prediction:
+    """Run the simulator's engine over ``steps`` (charging ``host`` time per layer call by phase, None:
+    none); returns each layer call's simulated time, its non-MoE part and host time included."""
     n_layers, n_experts = counts.shape
     clock = Clock()
-    pol = build_policies(spec, n_layers, n_experts, top_k, slots, clock, counts=counts)
+    pol = build_policies(spec, n_layers, n_experts, top_k, slots, clock,
+                         counts=counts if counts.any() else None)  # as the runtime is given them
     cache = _TimedCache(n_layers, n_experts, slots if spec.uses_gpu_cache else 0, pol.eviction,
                         global_pool=spec.pool == "global")
     cache.place(pol.placement)
-    st = replay(steps, cost, pol, cache, clock, top_k)
+    st = replay(steps, cost, pol, cache, clock, top_k, host=host)
     starts = cache.decided_at
     n_calls = sum(len(s.routings) for s in steps)
-    if len(starts) != n_calls:
+    if len(starts) != n_calls or len(st.steps) != len(steps):
         raise RuntimeError(f"the engine decided {len(starts)} layers for {n_calls} layer calls")
-    end = st.decode_s + st.prefill_s  # the run starts at 0 and steps follow each other
-    layer_s = [b - a for a, b in zip(starts, starts[1:] + [end])]
+    layer_s: list[float] = []
+    step_end, j = 0.0, 0  # the run starts at 0 and steps follow each other
+    for step, rec in zip(steps, st.steps):
+        step_end += rec[3]
+        crit = (host or {}).get("prefill" if step.is_prefill else "decode", ZERO_HOST).critical
+        begin = [starts[j + i] - cost.non_moe(step.n_rows) - crit for i in range(len(step.routings))]
+        layer_s += [b - a for a, b in zip(begin, begin[1:] + [step_end])]
+        j += len(step.routings)
     return Prediction(layer_s, st, cache.counters.hit_rate)
 
 

@@ -3,7 +3,9 @@
 Shared by ``scripts/bench_runtime.py`` and ``scripts/device_check.py``. ``StackShape`` names the layer
 shape; ``random_store`` fills a host store quickly (on the GPU when one is given); ``run_replay`` runs a
 HybridMoE over replay steps and records, per forward, the wall time of all layers (synchronised around
-the timed region only) and per layer call the host time the runtime spent deciding and dispatching.
+the timed region only) and per layer call the host time the runtime spent deciding and dispatching, its
+background host time, the call's wall time and the whole layer's (with ``dense``: the attention-like
+part and the shared experts of ``runtime.dense_parts`` run in every layer too).
 ``trivial_kernels`` replaces every kernel and copy by a no-op so that only host work remains (a
 measuring tool, never used for results that claim compute).
 """
@@ -20,6 +22,7 @@ import torch
 
 from hybrimoe_kt.core.models import ModelPreset, get_model
 from hybrimoe_kt.runtime import moe as moe_module
+from hybrimoe_kt.runtime.dense_parts import DenseParts
 from hybrimoe_kt.runtime.moe import HybridMoE
 from hybrimoe_kt.runtime.replay import ReplayStep, RoutingReplay
 from hybrimoe_kt.runtime.store import HostExpertStore
@@ -33,10 +36,18 @@ class StackShape:
     n_layers: int
     hidden: int
     inter: int
+    shared_inter: Optional[int] = None  # shared experts' total width in the stack (None: the model's)
+    attn_params: Optional[int] = None   # attention-like weights per layer in the stack (None: the model's)
 
     def preset(self) -> ModelPreset:
         base = get_model(self.model)
-        return replace(base, hidden=self.hidden, expert_intermediate=self.inter)
+        kw: dict[str, Any] = {"hidden": self.hidden, "expert_intermediate": self.inter}
+        if self.shared_inter is not None:
+            kw["shared_intermediate"] = self.shared_inter
+            kw["n_shared_experts"] = base.n_shared_experts if self.shared_inter else 0
+        if self.attn_params is not None:
+            kw["attn_params"] = self.attn_params
+        return replace(base, **kw)
 
     @property
     def n_experts(self) -> int:
@@ -52,6 +63,7 @@ class StackShape:
     def describe(self) -> dict[str, Any]:
         return {"model_shape": self.model, "n_layers": self.n_layers, "n_experts": self.n_experts,
                 "top_k": self.top_k, "hidden": self.hidden, "expert_intermediate": self.inter,
+                "shared_intermediate": self.shared_inter, "attn_params": self.attn_params,
                 "expert_mib_bf16": round(self.expert_bytes() / 2**20, 3),
                 "weights_gib_bf16": round(self.n_layers * self.n_experts * self.expert_bytes() / 2**30, 3)}
 
@@ -88,6 +100,9 @@ class RunRecord:
     forward_prefill: list[bool] = field(default_factory=list)
     layer_host_s: list[float] = field(default_factory=list)   # decide + dispatch of each layer call
     layer_decide_s: list[float] = field(default_factory=list)
+    layer_background_s: list[float] = field(default_factory=list)  # background host time of each call
+    layer_call_s: list[float] = field(default_factory=list)   # wall time of each HybridMoE.forward call
+    layer_s: list[float] = field(default_factory=list)        # whole layer: non-MoE part + the call
     layer_prefill: list[bool] = field(default_factory=list)
 
 
@@ -98,10 +113,13 @@ def _sync(device: torch.device) -> None:
 
 def run_replay(moe: HybridMoE, replay: RoutingReplay, steps: Sequence[ReplayStep], *, seed: int = 0,
                record: Optional[RunRecord] = None, timed: bool = True,
-               layer_wall: Optional[list[float]] = None) -> RunRecord:
+               layer_wall: Optional[list[float]] = None, dense: Optional[DenseParts] = None) -> RunRecord:
     """Run ``steps`` through every layer of ``moe``; inputs and routing are placed on the tier's device
     before the timed region (a router's outputs live there). ``layer_wall`` collects the wall time of
-    each layer call (no synchronisation: on a GPU that is the host's share)."""
+    each layer call (no synchronisation: on a GPU that is the host's share). ``dense``: each layer runs
+    its attention-like part before the call and its shared experts inside it (on the tier's device);
+    ``moe.begin_forward()`` marks the first layer's start, so its time given to the controller includes
+    that part, as every later layer's does."""
     rec = record if record is not None else RunRecord()
     dev = moe.tier.device
     gen = torch.Generator().manual_seed(seed)
@@ -116,13 +134,24 @@ def run_replay(moe: HybridMoE, replay: RoutingReplay, steps: Sequence[ReplayStep
         x = xs
         with torch.no_grad():
             for layer in range(n_layers):
-                d0, p0 = st.decide_s, st.dispatch_s
+                d0, p0, b0 = st.decide_s, st.dispatch_s, st.background_s
+                ta = time.perf_counter()
+                if layer == 0:
+                    moe.begin_forward()
+                shared = None
+                if dense is not None:
+                    x = dense.attention(layer, x)
+                    shared = dense.shared(layer)
                 tl = time.perf_counter()
-                y = moe.forward(layer, x, routes[layer][0], routes[layer][1])
+                y = moe.forward(layer, x, routes[layer][0], routes[layer][1], shared=shared)
+                te = time.perf_counter()
                 if layer_wall is not None:
-                    layer_wall.append(time.perf_counter() - tl)
+                    layer_wall.append(te - tl)
+                rec.layer_call_s.append(te - tl)
+                rec.layer_s.append(te - ta)
                 rec.layer_host_s.append((st.decide_s - d0) + (st.dispatch_s - p0))
                 rec.layer_decide_s.append(st.decide_s - d0)
+                rec.layer_background_s.append(st.background_s - b0)
                 rec.layer_prefill.append(step.is_prefill)
                 x = (x.float() + y.float()).to(torch.bfloat16)  # residual keeps the input scale
         _sync(dev)
