@@ -113,3 +113,98 @@ def test_real_process_stderr_is_one_line_for_a_model_mismatch(small_trace: Path)
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(ERROR_PREFIX)
     assert len(lines) == 1, proc.stderr
+
+
+def profile_without_gpu_memory(tmp_path: Path) -> Path:
+    from hybrimoe_kt.core.hardware import load_profile
+
+    d = json.loads(load_profile("rtx4090-ddr5").to_json())
+    d["gpu_mem_gib"] = 0.0
+    p = tmp_path / "no-mem.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_cache_ratio_max_in_a_list(small_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hybrimoe_kt.core.memory import GIB, max_cache_ratio
+    from hybrimoe_kt.core.models import get_model
+
+    model = get_model("deepseek-v2-lite")
+    best = max_cache_ratio(model, "bf16", 24.0)  # 48 of 64 experts per layer (hand check in tests/core)
+    assert best == 0.75
+    out_json = tmp_path / "r.json"
+    rc = main(sim_args(small_trace, "--cache-ratio", "0.25,max", "--strategies", "lru-offload",
+                       "--json", str(out_json)))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "--cache-ratio max: 0.75" in captured.out
+    records = json.loads(out_json.read_text())
+    assert sorted({r["cache_ratio"] for r in records}) == [0.25, 0.75]
+    lru = next(r for r in records if r["strategy"] == "lru-offload" and r["cache_ratio"] == 0.75)
+    assert lru["cache_gib"] == pytest.approx(48 * 26 * model.expert_bytes("bf16") / GIB, abs=1e-3)
+    assert lru["memory_gib"]["total"] <= 24.0 and lru["memory_gib"]["gpu_mem"] == 24.0
+    assert lru["memory_gib"]["expert_cache"] == lru["cache_gib"]
+    stock = next(r for r in records if r["strategy"] == "stock" and r["cache_ratio"] == 0.75)
+    assert stock["cache_gib"] == 0.0  # stock holds no expert cache
+
+
+def test_cache_gib_sizes_whole_slots(small_trace: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from hybrimoe_kt.core.memory import GIB
+    from hybrimoe_kt.core.models import get_model
+
+    per_slot = 26 * get_model("deepseek-v2-lite").expert_bytes("bf16") / GIB  # one slot in each MoE layer
+    out_json = tmp_path / "r.json"
+    rc = main(sim_args(small_trace, "--cache-gib", "4,8", "--strategies", "lru-offload", "--json", str(out_json)))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    got = {r["cache_ratio"]: r["cache_gib"] for r in json.loads(out_json.read_text()) if r["strategy"] != "stock"}
+    assert len(got) == 2
+    for want, gib in zip((4.0, 8.0), sorted(got.values())):
+        assert want - per_slot < gib <= want
+    assert all(r * 64 == int(r * 64) for r in got)  # whole slots per layer
+
+
+def test_a_cache_that_does_not_fit_is_refused(small_trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(sim_args(small_trace, "--cache-ratio", "0.5,1.0", "--strategies", "lru-offload"))
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), captured.err
+    assert "cache ratio 1 " in lines[0] and "needs 30." in lines[0] and "has 24 GiB" in lines[0]
+    assert "largest cache ratio that fits is 0.75" in lines[0]
+    assert "SIMULATED" not in captured.out  # refused before any work
+
+
+def test_without_gpu_memory_nothing_is_refused(small_trace: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    rc = main(sim_args(small_trace, "--cache-ratio", "1.0", "--strategies", "lru-offload", "--hardware",
+                       str(profile_without_gpu_memory(tmp_path))))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "cache ratios are not checked against GPU memory" in caplog.text
+
+
+BAD_CACHE_FLAGS = {
+    "both flags": (["--cache-ratio", "0.5", "--cache-gib", "4"], "both size the cache"),
+    "gib not a number": (["--cache-gib", "4,lots"], "4,lots"),
+    "gib negative": (["--cache-gib", "-2"], "-2"),
+    "gib below one slot per layer": (["--cache-gib", "0.1"], "holds no slot"),
+    "max without gpu memory": (["--cache-ratio", "max", "--hardware", "NOMEM"], "no gpu_mem_gib"),
+    "empty list": (["--cache-ratio", ","], "at least one value"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHE_FLAGS))
+def test_bad_cache_flags_are_one_line_and_exit_2(case: str, small_trace: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    extra, needle = BAD_CACHE_FLAGS[case]
+    extra = [str(profile_without_gpu_memory(tmp_path)) if a == "NOMEM" else a for a in extra]
+    rc = main(sim_args(small_trace, "--strategies", "lru-offload", *extra))
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), captured.err
+    assert needle in lines[0]
+    assert "SIMULATED" not in captured.out

@@ -13,6 +13,7 @@ import torch
 
 from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import load_profile
+from hybrimoe_kt.core.memory import DEFAULT_CONTEXT_TOKENS, check_runtime_memory
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.strategies import get_strategy, slots_for, with_overrides
 from hybrimoe_kt.kt.operators import HybriMoEExperts, RuntimeSettings
@@ -86,6 +87,37 @@ def gguf_store(path: str | Path, layer_ids: list[int], n_experts: int) -> GgufEx
     return store
 
 
+def hf_kv_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
+    """KV cache bytes per token as Hugging Face transformers stores it: K and V for every layer. MLA
+    configs (``kv_lora_rank``, DeepSeek) cache decompressed per-head K (nope + rope) and V there."""
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    if layers == 0 or heads == 0:
+        return 0  # no attention shape in the config: the KV cache is not counted
+    if getattr(config, "kv_lora_rank", None):
+        per_layer = heads * (int(config.qk_nope_head_dim) + int(config.qk_rope_head_dim) + int(config.v_head_dim))
+    else:
+        head_dim = int(getattr(config, "head_dim", 0) or int(config.hidden_size) // max(1, heads))
+        per_layer = 2 * int(getattr(config, "num_key_value_heads", 0) or heads) * head_dim
+    return layers * per_layer * dtype_bytes
+
+
+def check_gpu_memory(model: torch.nn.Module, device: str, slot_bytes: int, slots: int, max_slots: int,
+                     context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> None:
+    """Refuse at load an expert cache that does not fit the GPU beside the weights already on it and the
+    KV cache of ``context_tokens`` (batch 1). Skipped on the CPU stand-in (nothing to run out of)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return  # CPU stand-in; a cuda device without CUDA is refused by runtime.device.Tier
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    free, _ = torch.cuda.mem_get_info(dev)
+    tensors = [*model.parameters(), *model.buffers()]
+    loaded = sum(t.numel() * t.element_size() for t in tensors if t.device == dev)
+    dtype_bytes = tensors[0].element_size() if tensors else 2
+    kv = hf_kv_bytes_per_token(getattr(model, "config", None), dtype_bytes) * context_tokens
+    check_runtime_memory(int(free), loaded, kv, slot_bytes, slots, max_slots)
+
+
 def _mark_forward_start(model: torch.nn.Module, first_key: str, runtime: HybridMoE) -> None:
     """Call ``runtime.begin_forward()`` when the decoder layer of the first MoE operator starts, so the
     first MoE layer's time given to the controller includes its attention, as the simulator's does.
@@ -151,6 +183,8 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
                          f"'placement_counts: <routing trace or .npy of [L, E] counts>' to the rule's kwargs "
                          f"(record a trace on other prompts with 'hybrimoe-kt record'), or give it no GPU "
                          f"budget (cache_ratio: 0)")
+    check_gpu_memory(model, s.device, store.expert_bytes(), slots if spec.pool == "global" else slots * n_l,
+                     n_l * n_e)
     runtime = HybridMoE(store, Tier(s.device), spec, slots, cost, k, counts=counts,
                         cpu_backend=s.cpu_backend, cpu_threads=s.cpu_threads)
     for i, op in enumerate(ops):
