@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
               f"(B/A {_fmt(sim['ratio']['decode_tok_s'], '.3f')}), prefill {sa['prefill_tok_s']:.1f} -> "  # type: ignore[index]
               f"{sb['prefill_tok_s']:.1f} tok/s, hit rate {sa['hit_rate']:.1%} -> {sb['hit_rate']:.1%} "
               f"(cost model, not a measurement)")
+        for note in sim.get("memory_notes", ()):  # type: ignore[union-attr]
+            print(f"  {note}")
     else:
         print(f"GPU tier: {b['gpu_tier']}")
     out = Path(args.json_out)

@@ -115,6 +115,8 @@ def projection(strategy_a: str, ratio_a: float, strategy_b: str, ratio_b: float,
     """SIMULATED decode/prefill speed and hit rate of both sides' strategies on ``hardware``."""
     from hybrimoe_kt.commands.simulate import infer_model
     from hybrimoe_kt.core.hardware import load_profile
+    from hybrimoe_kt.core.memory import memory_budget
+    from hybrimoe_kt.core.strategies import get_strategy
     from hybrimoe_kt.sim.runner import SimSetup, simulate
     from hybrimoe_kt.traces.spec import parse_trace_spec
 
@@ -124,11 +126,18 @@ def projection(strategy_a: str, ratio_a: float, strategy_b: str, ratio_b: float,
     name = trace_spec if trace_spec.startswith("synthetic:") else \
         Path(trace_spec).name.removesuffix(".npz").removesuffix(".json")
     setup = SimSetup(trace, name, model, profile)
-    sides = {}
+    budget = memory_budget(model, setup.gpu_format, profile.gpu_mem_gib)
+    sides, notes = {}, []
     for side, strategy, ratio in (("a", strategy_a, ratio_a), ("b", strategy_b, ratio_b)):
+        if get_strategy(strategy).uses_gpu_cache and not budget.fits(ratio):
+            fit = budget.max_ratio()
+            notes.append(f"{side}: the rules' cache ratio {ratio:g} does not fit {model.name} on {profile.name} "
+                         f"({profile.gpu_mem_gib:g} GiB); projected at the largest that fits, {fit:g}")
+            ratio = fit
         rec = simulate(setup, [strategy], [ratio], progress=False)[0]
         sides[side] = {"strategy": strategy, "cache_ratio": ratio, **{k: rec[k] for k in SIM_KEYS}}
     return {"label": "SIMULATED", "note": f"cost model of hardware profile {profile.name}, not a measurement",
+            "memory_notes": notes,
             "trace": name, "trace_tokens": trace.n_tokens, "model": model.name, "hardware": profile.name,
             "time_scale": round(setup.time_scale, 9), **sides,
             "ratio": ratios(sides["a"], sides["b"], ("decode_tok_s", "prefill_tok_s", "hit_rate"))}
