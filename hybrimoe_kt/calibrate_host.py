@@ -6,8 +6,8 @@ replayed synthetic routing) with every kernel and slot copy replaced by a no-op
 masks, slot bookkeeping, dispatch, the sum of the tiers, and the background copies decided while the
 kernels would run. Per layer call:
 
-- background = the runtime's own ``background_s`` (deciding and queueing background copies);
-- critical = the whole layer call minus background.
+- background = the runtime's own ``background_s`` of the call (deciding and queueing background copies);
+- critical = the whole layer call minus its background part.
 
 Medians over the calls of each phase (the machine is shared: the median ignores other processes'
 bursts). The GPU tier is the CPU stand-in here: on a CUDA machine the same code measures the real path.
@@ -75,25 +75,24 @@ def measure_host(strategies: Sequence[str] = DEPLOYABLE, *, layers: int = 4, hid
         with trivial_kernels(moe):
             run_replay(moe, replay, prefill[:1] + decode[:4], seed=seed, timed=False)  # warm-up
             for phase, steps in (("prefill", prefill), ("decode", decode)):
-                walls: list[float] = []
-                bg0 = moe.stats.background_s
-                calls0 = moe.stats.forwards
-                run_replay(moe, replay, steps, seed=seed + 1, timed=False, layer_wall=walls)
-                calls = moe.stats.forwards - calls0
-                background = (moe.stats.background_s - bg0) / max(1, calls)
-                wall = float(np.median(walls)) if walls else 0.0
-                table[name][phase] = HostTime(max(0.0, wall - background), background)
-                raw[name][phase] = {"layer_call_median_us": round(wall * 1e6, 2),
-                                    "layer_call_p90_us": round(float(np.percentile(walls, 90)) * 1e6, 2),
-                                    "background_mean_us": round(background * 1e6, 2), "calls": calls}
+                rec = run_replay(moe, replay, steps, seed=seed + 1, timed=False)
+                call = np.asarray(rec.layer_call_s)                     # [calls] whole forward() call
+                bg = np.asarray(rec.layer_background_s)                 # [calls] its background part
+                critical = float(np.median(call - bg)) if call.size else 0.0
+                background = float(np.median(bg)) if bg.size else 0.0
+                table[name][phase] = HostTime(max(0.0, critical), background)
+                raw[name][phase] = {"layer_call_median_us": round(float(np.median(call)) * 1e6, 2),
+                                    "layer_call_p90_us": round(float(np.percentile(call, 90)) * 1e6, 2),
+                                    "critical_median_us": round(critical * 1e6, 2),
+                                    "background_median_us": round(background * 1e6, 2), "calls": int(call.size)}
         del moe
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     commit, dirty = git_commit()
-    measured = {"method": "runtime with no-op kernels (runtime.harness.trivial_kernels); critical = median "
-                          "layer call - mean background", "stack": shape.describe(),
+    measured = {"method": "runtime with no-op kernels (runtime.harness.trivial_kernels); per call, critical "
+                          "= layer call - its background part; medians over the calls", "stack": shape.describe(),
                 "cache_ratio": cache_ratio, "prefill_chunk": prefill_chunk, "decode_steps": len(decode),
                 "gpu_tier": "CPU stand-in (device cpu)", "cpu_backend": backends[0].name,
                 "cpu_model": cpu_model(), "git_commit": commit, "git_dirty": dirty,
