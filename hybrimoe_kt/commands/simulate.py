@@ -190,8 +190,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  the trace has {trace.n_layers} of {model.n_moe_layers} MoE layers: times extrapolated "
               f"x{setup.time_scale:.2f}")
     print(format_table(records))
-    print("bounds: oracle = clairvoyant eviction and prefetch through the same copy queue; roofline = "
-          "Belady hit rate with free transfers")
+    print("bounds (no host time): oracle = the best clairvoyant variant (Belady eviction and perfect prefetch "
+          "through the same copy queue, or a deployable structure placed from the replayed requests' own "
+          "counts); roofline = every expert on the GPU when used (perfect prefetch, free transfers)")
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
