@@ -8,6 +8,13 @@ Invariants (checked by the shared contract tests):
 - residents never exceed capacity (per layer, or in total for a global pool);
 - an expert in use by the current forward, pinned, or whose copy is still in flight is never evicted;
 - a victim is always resident.
+
+Victim search is vectorised: besides the per-layer dicts (expert -> ready time) the cache keeps
+``[L, E]`` arrays of residency and ready times, builds the candidate mask with numpy and asks the
+policy's optional ``victim_masked(first_layer, mask)`` hook (same answer as ``victim`` over the
+candidate list; every built-in policy has it). The hook must return the minimum of one total order
+over the candidates (a key, ties by id), which lets the cache take many experts in use out lazily.
+Policies without the hook get the candidate list.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Collection, Iterable, Optional, Sequence, Union
 
+import numpy as np
+
 from hybrimoe_kt.core.protocols import EvictionPolicy
 from hybrimoe_kt.core.types import ExpertId
 
@@ -24,6 +33,28 @@ from hybrimoe_kt.core.types import ExpertId
 def _is_int(x: object) -> bool:
     """True for Python and numpy integers (not bools, not floats)."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _masked_hook(policy: EvictionPolicy):  # -> Optional[Callable[[int, np.ndarray], ExpertId]]
+    """The policy's ``victim_masked``, only when the class that defines ``victim`` defines it too
+    (a subclass that overrides ``victim`` alone keeps its own ``victim``)."""
+    for cls in type(policy).__mro__:
+        if "victim" in vars(cls):
+            return getattr(policy, "victim_masked") if "victim_masked" in vars(cls) else None
+    return None
+
+
+_EAGER_IN_USE = 16  # up to this many experts in use are taken out of the mask one by one
+_LAZY_TRIES = 1     # beyond that, this many searches drop in-use winners before clearing them all
+
+
+def _clear(mask: np.ndarray, first: int, in_use: Collection[ExpertId]) -> None:
+    """Take the experts in use out of ``mask`` (rows from layer ``first``)."""
+    n, n_e = mask.shape
+    for l, e in in_use:
+        i = l - first
+        if 0 <= i < n and 0 <= e < n_e:
+            mask[i, e] = False
 
 
 class CacheFull(RuntimeError):
@@ -88,6 +119,11 @@ class ExpertCache:
         self._slots: list[dict[int, float]] = [{} for _ in range(n_layers)]  # expert -> ready time
         self._pinned: set[ExpertId] = set()
         self._size = 0
+        # numpy mirrors of _slots and _pinned, for the vectorised candidate mask
+        self._is_res = np.zeros((n_layers, n_experts), dtype=bool)  # [L, E]
+        self._ready = np.zeros((n_layers, n_experts), dtype=np.float64)  # [L, E], valid where resident
+        self._is_pinned = np.zeros((n_layers, n_experts), dtype=bool)  # [L, E]
+        self._masked = _masked_hook(policy)
 
     # --- queries -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -151,6 +187,8 @@ class ExpertCache:
         """The expert that admitting one more expert of ``layer`` would evict; None if a slot is free."""
         if self.has_room(layer):
             return None
+        if self._masked is not None:
+            return self._masked_victim(layer, in_use, now)
         cands = self.candidates(layer, in_use, now)
         if not cands:
             raise CacheFull(f"layer {layer}: no free slot and every resident is in use, pinned or in flight")
@@ -158,6 +196,46 @@ class ExpertCache:
         if victim not in cands:
             raise RuntimeError(f"eviction policy {self.policy.name} chose {victim}, not a candidate")
         return victim
+
+    def candidate_mask(self, layer: int, in_use: Collection[ExpertId], now: float) -> tuple[int, np.ndarray]:
+        """``(first_layer, mask)``: ``mask[i, e]`` is True when ``(first_layer + i, e)`` is a candidate
+        (the same set as ``candidates``); ``[1, E]`` for a layer pool, ``[L, E]`` for a global pool."""
+        first, mask = self._ready_mask(layer, now)
+        _clear(mask, first, in_use)
+        return first, mask
+
+    def _ready_mask(self, layer: int, now: float) -> tuple[int, np.ndarray]:
+        """Candidates before the experts in use are taken out."""
+        if self.global_pool:
+            first, rows = 0, slice(None)
+        else:
+            first, rows = layer, slice(layer, layer + 1)
+        mask = self._is_res[rows] & (self._ready[rows] <= now)  # [n, E]
+        if self._pinned:
+            mask &= ~self._is_pinned[rows]
+        return first, mask
+
+    def _masked_victim(self, layer: int, in_use: Collection[ExpertId], now: float) -> ExpertId:
+        """``victim_masked`` is the minimum of a total order over the candidates, so the experts in
+        use can be taken out lazily when there are many: search, and drop the winner while it is in
+        use (the minimum of the rest is unchanged by removing non-minimal ones)."""
+        first, mask = self._ready_mask(layer, now)
+        lazy = len(in_use) > _EAGER_IN_USE
+        if not lazy:
+            _clear(mask, first, in_use)
+        for attempt in range(_LAZY_TRIES + 1):
+            if lazy and attempt == _LAZY_TRIES:  # in-use experts keep winning: take them all out
+                _clear(mask, first, in_use)
+            if not mask.any():
+                raise CacheFull(f"layer {layer}: no free slot and every resident is in use, pinned or in flight")
+            victim = self._masked(first, mask)  # type: ignore[misc]
+            i = victim[0] - first
+            if not (0 <= i < mask.shape[0] and mask[i, victim[1]]):
+                raise RuntimeError(f"eviction policy {self.policy.name} chose {victim}, not a candidate")
+            if not lazy or victim not in in_use:
+                return victim
+            mask[i, victim[1]] = False
+        raise AssertionError("unreachable: the last attempt searches without the experts in use")
 
     def admit(self, eid: ExpertId, ready_at: float, in_use: Collection[ExpertId], now: float,
               victim: Optional[ExpertId] = None) -> Optional[ExpertId]:
@@ -174,6 +252,8 @@ class ExpertCache:
         if victim is not None:
             self.evict(victim)
         self._slots[layer][e] = ready_at
+        self._is_res[layer, e] = True
+        self._ready[layer, e] = ready_at
         self._size += 1
         self.counters.admissions += 1
         self.policy.on_admit(eid)
@@ -186,6 +266,7 @@ class ExpertCache:
         if eid in self._pinned:
             raise ValueError(f"expert {eid} is pinned and cannot be evicted")
         del self._slots[eid[0]][eid[1]]
+        self._is_res[eid[0], eid[1]] = False
         self._size -= 1
         self.counters.evictions += 1
         self.policy.on_evict(eid)
@@ -200,6 +281,8 @@ class ExpertCache:
             if not self.has_room(layer):
                 raise ValueError(f"initial placement exceeds the capacity at layer {layer}")
             self._slots[layer][e] = -math.inf
+            self._is_res[layer, e] = True
+            self._ready[layer, e] = -math.inf
             self._size += 1
             self.policy.on_admit(eid)
 
@@ -208,6 +291,9 @@ class ExpertCache:
         if eid not in self:
             raise ValueError(f"cannot pin {eid}: not resident")
         self._pinned.add(eid)
+        self._is_pinned[eid[0], eid[1]] = True
 
     def unpin(self, eid: ExpertId) -> None:
         self._pinned.discard(eid)
+        if 0 <= eid[0] < self.n_layers and 0 <= eid[1] < self.n_experts:
+            self._is_pinned[eid[0], eid[1]] = False

@@ -21,6 +21,7 @@ from hybrimoe_kt.sim.oracle import own_counts as oracle_counts
 from hybrimoe_kt.sim.engine import RunStats, replay
 from hybrimoe_kt.sim.folds import Fold, make_folds
 from hybrimoe_kt.sim.metrics import Metrics
+from hybrimoe_kt.sim.progress import StepCounter, map_jobs
 from hybrimoe_kt.traces.format import Trace
 
 log = logging.getLogger(__name__)
@@ -107,32 +108,33 @@ Job = tuple[StrategySpec, float, Optional[str]]  # strategy, cache ratio, oracle
 def _run_job(job: Job) -> RunStats:
     c = _JOB_CONTEXT
     spec, ratio, variant = job
-    if variant is not None:  # a bound: no host time
-        return run_one(variant_spec(spec, variant), ratio, c["folds"], c["cost"], *c["dims"],
-                       own_counts=variant != COPY)
-    return run_one(spec, ratio, c["folds"], c["cost"], *c["dims"], host=c["host"][spec.name])
+    counter: StepCounter = c["counter"]
+    total = RunStats()
+    for fold in c["folds"]:  # one fold at a time for the progress bar; the totals add up the same way
+        if variant is not None:  # a bound: no host time
+            stats = run_one(variant_spec(spec, variant), ratio, [fold], c["cost"], *c["dims"],
+                            own_counts=variant != COPY)
+        else:
+            stats = run_one(spec, ratio, [fold], c["cost"], *c["dims"], host=c["host"][spec.name])
+        total.merge(stats)
+        counter.tick(len(fold.steps))
+    return total
 
 
-def _map_jobs(jobs: list[tuple[StrategySpec, float]], workers: int, bar: object) -> list[RunStats]:
-    """Run jobs in order, in forked worker processes when ``workers`` > 1; results keep job order."""
-    if workers <= 1 or len(jobs) <= 1:
-        out = []
-        for j in jobs:
-            out.append(_run_job(j))
-            if bar is not None:
-                bar.update(1)  # type: ignore[attr-defined]
-        return out
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+def _map_jobs(jobs: list[Job], workers: int, bar: object) -> list[RunStats]:
+    """Run jobs in order, in forked worker processes when ``workers`` > 1; results keep job order.
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-        futures = [pool.submit(_run_job, j) for j in jobs]
-        out = []
-        for f in futures:
-            out.append(f.result())
-            if bar is not None:
-                bar.update(1)  # type: ignore[attr-defined]
-        return out
+    ``bar`` (tqdm or None) counts replayed steps, ticked per fold from every worker (``sim.progress``).
+    """
+    parallel = workers > 1 and len(jobs) > 1
+    counter = StepCounter(bar, shared=parallel)
+    _JOB_CONTEXT["counter"] = counter
+
+    def done(n: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"runs {n}/{len(jobs)}", refresh=False)  # type: ignore[attr-defined]
+
+    return map_jobs(_run_job, jobs, workers, counter, done)
 
 
 def default_workers() -> int:
@@ -185,7 +187,9 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="simulate", unit="run", leave=False)
+        steps = sum(len(f.steps) for f in folds)  # every job replays every fold
+        bar = tqdm(total=len(jobs) * steps, desc="simulate", unit="step", leave=False, smoothing=0.1,
+                   postfix=f"runs 0/{len(jobs)}")
     _JOB_CONTEXT.update(folds=folds, cost=cost, dims=(t.n_layers, t.n_experts, t.top_k), host=host)
     try:
         results = _map_jobs(jobs, workers or default_workers(), bar)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
+
 from hybrimoe_kt.core.types import ExpertId
 
 
@@ -31,3 +33,21 @@ def lowest(candidates: Sequence[ExpertId], key: Callable[[ExpertId], tuple]) -> 
     if not candidates:
         raise ValueError("victim() needs at least one candidate")
     return min(candidates, key=lambda eid: (*key(eid), eid[0], eid[1]))
+
+
+def lowest_masked(first: int, mask: np.ndarray, *keys: np.ndarray) -> ExpertId:
+    """Vectorised ``lowest``: the candidate with the smallest ``(keys..., layer, expert)``.
+
+    ``mask`` [n, E] marks the candidates ``(first + i, e)``; each key is an [n, E] array (rows of the
+    policy's [L, E] state). Candidates are visited in flat (layer, expert) order, and ``argmin`` keeps
+    the first minimum, so ties fall to the lowest id exactly as in ``lowest``.
+    """
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        raise ValueError("victim_masked() needs at least one candidate")
+    for key in keys[:-1]:
+        vals = key.ravel()[idx]
+        idx = idx[vals == vals.min()]
+    j = int(idx[int(np.argmin(keys[-1].ravel()[idx]))]) if keys else int(idx[0])
+    n_e = mask.shape[1]
+    return first + j // n_e, j % n_e

@@ -9,6 +9,10 @@ has next use = infinity. ``victim`` = furthest next use, ties by lowest ``(layer
 the score is instead the exact activation rate over the next ``rate_horizon`` forwards, on the scale of
 the ``reuse`` policy, so that the ``expected-reuse`` admission rule can be given the true future. Belady is a bound for
 demand caching with unit-size items; it ignores transfer timing, so it is a reference, not a schedule.
+
+``victim_masked`` (the cache's vectorised search) reads an ``[L, E]`` array of next uses that is
+advanced incrementally as the clock moves forward (each use is passed once per run; a clock that moves
+back rebuilds it), so a victim search over a global pool is one argmax, not a bisect per resident.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import bisect
 import math
 from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
 
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
@@ -61,6 +67,55 @@ class Belady:
             if any(a > b for a, b in zip(ps, ps[1:])):
                 raise ValueError(f"uses[{eid!r}] must be sorted ascending, got {list(ps)[:8]}...")
             self._uses[(layer, expert)] = ps
+        self._next: Optional[np.ndarray] = None  # [L, E] next use after self._at (built on first use)
+
+    def _build_next(self) -> None:
+        """Use events sorted by position, each with the same expert's following use (inf if none)."""
+        assert self.n_layers is not None and self.n_experts is not None
+        n_l, n_e = self.n_layers, self.n_experts
+        self._shape = (n_l, n_e)
+        pos: list[int] = []
+        idx: list[int] = []
+        nxt: list[float] = []
+        first = np.full(n_l * n_e, math.inf)
+        for (layer, e), ps in self._uses.items():
+            if not ps:
+                continue
+            i = layer * n_e + e
+            first[i] = ps[0]
+            pos.extend(ps)
+            idx.extend([i] * len(ps))
+            nxt.extend(float(p) for p in ps[1:])
+            nxt.append(math.inf)
+        order = np.argsort(np.asarray(pos, dtype=np.int64), kind="stable")
+        self._ev_pos = np.asarray(pos, dtype=np.int64)[order]
+        self._ev_idx = np.asarray(idx, dtype=np.int64)[order]
+        self._ev_next = np.asarray(nxt, dtype=np.float64)[order]
+        self._first = first
+        self._reset_next()
+
+    def _reset_next(self) -> None:
+        self._next = self._first.copy()  # flat [L * E]: next use after any time before every use
+        self._done = 0                   # events with index < _done have been passed
+        self._at = -math.inf
+
+    def _sync(self) -> np.ndarray:
+        """The next-use array at ``clock.now``, [L, E]."""
+        if self._next is None:
+            self._build_next()
+        now = self.clock.now
+        if now < self._at:
+            self._reset_next()
+        if now != self._at:
+            end = int(np.searchsorted(self._ev_pos, now, side="right"))
+            if end > self._done:
+                sl = slice(self._done, end)
+                # an expert passed several times keeps its latest following use (the largest)
+                np.maximum.at(self._next, self._ev_idx[sl], self._ev_next[sl])
+                self._done = end
+            self._at = now
+        assert self._next is not None
+        return self._next.reshape(self._shape)
 
     def next_use(self, eid: ExpertId) -> float:
         """First position strictly after ``clock.now`` at which ``eid`` is activated; inf if none."""
@@ -81,6 +136,18 @@ class Belady:
         if not candidates:
             raise ValueError("victim() needs at least one candidate")
         return min(candidates, key=lambda eid: (-self.next_use(eid), eid[0], eid[1]))
+
+    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
+        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
+        if self.n_layers is None or self.n_experts is None:  # shape unknown: the candidate list
+            return self.victim([(first + int(i), int(e)) for i, e in zip(*np.nonzero(mask))])
+        nxt = self._sync()[first:first + mask.shape[0]]
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            raise ValueError("victim_masked() needs at least one candidate")
+        j = int(idx[int(np.argmax(nxt.ravel()[idx]))])  # furthest next use, first = lowest id
+        n_e = mask.shape[1]
+        return first + j // n_e, j % n_e
 
     def score(self, eid: ExpertId) -> float:
         if self.rate_horizon is None:

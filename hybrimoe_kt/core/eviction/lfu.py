@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import lowest
+from hybrimoe_kt.core.eviction._common import lowest, lowest_masked
 from hybrimoe_kt.core.eviction.lru import RecencyTracker
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
@@ -53,6 +53,11 @@ class LFU:
 
     def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
         return lowest(candidates, lambda eid: (self.frequency(eid), self._rec.last_use(eid)))
+
+    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
+        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
+        rows = slice(first, first + mask.shape[0])
+        return lowest_masked(first, mask, self.counts[rows], self._rec.last[rows])
 
     def score(self, eid: ExpertId) -> float:
         return float(self.frequency(eid))

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, check_eid, lowest
+from hybrimoe_kt.core.eviction._common import check_dims, check_eid, lowest, lowest_masked
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
@@ -81,6 +81,10 @@ class LRU:
 
     def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
         return lowest(candidates, lambda eid: (self._rec.last_use(eid),))
+
+    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
+        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
+        return lowest_masked(first, mask, self._rec.last[first:first + mask.shape[0]])
 
     def score(self, eid: ExpertId) -> float:
         return float(self._rec.last_use(eid))

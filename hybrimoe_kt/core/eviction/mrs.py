@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims
+from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
 
@@ -109,6 +109,10 @@ class MRS:
             raise ValueError("victim() needs at least one candidate")
         v = self.scores
         return min(candidates, key=lambda eid: (v[eid[0], eid[1]], eid))  # lowest, ties by id
+
+    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
+        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
+        return lowest_masked(first, mask, self.scores[first:first + mask.shape[0]])
 
     def score(self, eid: ExpertId) -> float:
         return float(self.scores[eid[0], eid[1]])

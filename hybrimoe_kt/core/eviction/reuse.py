@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims
+from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
 
@@ -68,6 +68,10 @@ class ReuseRate:
             raise ValueError("victim() needs at least one candidate")
         v = self.rate
         return min(candidates, key=lambda eid: (v[eid[0], eid[1]], eid))  # lowest, ties by id
+
+    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
+        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
+        return lowest_masked(first, mask, self.rate[first:first + mask.shape[0]])
 
     def score(self, eid: ExpertId) -> float:
         return float(self.rate[eid[0], eid[1]])

@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_eid, lowest
+from hybrimoe_kt.core.eviction._common import check_eid, lowest, lowest_masked
 from hybrimoe_kt.core.eviction.placement import as_counts
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
@@ -33,6 +33,9 @@ class StaticPlacement:
         self.counts: np.ndarray = arr  # [L, E]
         self.placement: frozenset[ExpertId] = frozenset(
             check_eid(eid, self.n_layers, self.n_experts) for eid in placement)
+        self._placed = np.zeros(arr.shape, dtype=bool)  # [L, E] the placement as a mask
+        for layer, e in self.placement:
+            self._placed[layer, e] = True
 
     def on_route(self, routing: LayerRouting) -> None:
         """Static: routing does not change anything."""
@@ -45,6 +48,11 @@ class StaticPlacement:
 
     def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
         return lowest(candidates, lambda eid: (eid in self.placement, float(self.counts[eid[0], eid[1]])))
+
+    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
+        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
+        rows = slice(first, first + mask.shape[0])
+        return lowest_masked(first, mask, self._placed[rows], self.counts[rows])
 
     def score(self, eid: ExpertId) -> float:
         return float(self.counts[eid[0], eid[1]])

@@ -15,6 +15,9 @@ import numpy as np
 
 from hybrimoe_kt.core.types import LayerRouting
 
+_SCALAR_POP = 16    # up to this many experts a Python loop beats numpy's fancy indexing
+_SCALAR_TRANS = 32  # the same for (from, to) cells of the transition counts
+
 
 class RoutingPredictor:
     def __init__(self, n_layers: int, n_experts: int, top_k: int,
@@ -39,16 +42,27 @@ class RoutingPredictor:
         pop *= self.decay
         idx = list(ex)
         rows = max(1, routing.n_rows)
-        for e, n in zip(idx, tok):
-            pop[e] += n / rows
+        # Same float operations either way; numpy fancy indexing pays off beyond a few experts (ids
+        # in a routing are distinct, so each cell is updated once).
+        if len(idx) <= _SCALAR_POP:
+            for e, n in zip(idx, tok):
+                pop[e] += n / rows
+        else:
+            pop[idx] += np.asarray(tok, dtype=np.int64) / rows
         prev = (l - 1) % self.n_layers
-        if self._prev_layer == prev and self._last[prev]:
+        src = self._last[prev]
+        if self._prev_layer == prev and src:
             t = self._trans[prev]
-            for a in self._last[prev]:
-                ta = t[a]
-                ta *= self.decay
-                for b in idx:
-                    ta[b] += 1.0
+            if len(src) * len(idx) <= _SCALAR_TRANS:
+                for a in src:
+                    ta = t[a]
+                    ta *= self.decay
+                    for b in idx:
+                        ta[b] += 1.0
+            else:
+                rows_a = list(src)
+                t[rows_a] *= self.decay
+                t[np.ix_(rows_a, idx)] += 1.0
         self._last[l] = ex
         self._prev_layer = l
 
