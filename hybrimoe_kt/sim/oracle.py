@@ -7,12 +7,13 @@ names both in ``oracle_variant``):
 
 - ``copy``: the ``oracle`` strategy itself (Belady eviction, perfect prefetch and admissions through the
   same copy queue, balanced split);
-- every deployable structure that can win (``static-frequency``, ``hybrimoe-paper``, ``hybrimoe``)
-  given the replayed requests' own activation counts for its placement (a clairvoyant calibration).
+- ``static-frequency+own-counts``: the static placement learnt from the replayed requests' own
+  activation counts (a clairvoyant calibration);
+- every deployable strategy as it is, without host time.
 
 Every variant pays the copy queue, PCIe and host-memory contention as the deployable strategies do,
-and no host time (a bound: any implementation's host time only adds). So the oracle is at least the
-deployable strategies' own structures made clairvoyant; ``sim.bounds`` checks that it bounds them.
+and no host time (a bound: any implementation's host time only adds). The last group makes the oracle
+bound every deployable strategy by construction; ``sim.bounds`` checks it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ from hybrimoe_kt.sim.engine import RunStats
 from hybrimoe_kt.sim.folds import Fold
 
 COPY = "copy"
-VARIANTS: tuple[str, ...] = (COPY, "static-frequency", "hybrimoe-paper", "hybrimoe")
+OWN = "+own-counts"  # suffix: the structure placed from the replayed requests' own counts
+DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe")
+VARIANTS: tuple[str, ...] = (COPY, "static-frequency" + OWN, *DEPLOYABLE)
 
 
 def variant_spec(oracle: StrategySpec, variant: str) -> StrategySpec:
     """The strategy a variant runs (``copy``: the oracle's own spec)."""
-    return oracle if variant == COPY else get_strategy(variant)
+    return oracle if variant == COPY else get_strategy(variant.removesuffix(OWN))
+
+
+def uses_own_counts(variant: str) -> bool:
+    return variant.endswith(OWN)
 
 
 def own_counts(fold: Fold, n_layers: int, n_experts: int) -> np.ndarray:

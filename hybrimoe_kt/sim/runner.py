@@ -16,7 +16,7 @@ from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for
 from hybrimoe_kt.sim.bounds import check_bounds
-from hybrimoe_kt.sim.oracle import COPY, VARIANTS, best_variant, variant_spec
+from hybrimoe_kt.sim.oracle import VARIANTS, best_variant, uses_own_counts, variant_spec
 from hybrimoe_kt.sim.oracle import own_counts as oracle_counts
 from hybrimoe_kt.sim.engine import RunStats, replay
 from hybrimoe_kt.sim.folds import Fold, make_folds
@@ -113,7 +113,7 @@ def _run_job(job: Job) -> RunStats:
     for fold in c["folds"]:  # one fold at a time for the progress bar; the totals add up the same way
         if variant is not None:  # a bound: no host time
             stats = run_one(variant_spec(spec, variant), ratio, [fold], c["cost"], *c["dims"],
-                            own_counts=variant != COPY)
+                            own_counts=uses_own_counts(variant))
         else:
             stats = run_one(spec, ratio, [fold], c["cost"], *c["dims"], host=c["host"][spec.name])
         total.merge(stats)
