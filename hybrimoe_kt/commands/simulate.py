@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from hybrimoe_kt.core.hardware import load_profile
     from hybrimoe_kt.core.strategies import get_strategy
     from hybrimoe_kt.provenance import provenance
-    from hybrimoe_kt.sim.report import format_table, plot
+    from hybrimoe_kt.sim.report import format_table, plot, table_legend
     from hybrimoe_kt.sim.runner import SimSetup, simulate
     from hybrimoe_kt.traces.spec import parse_trace_spec
 
@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  the trace has {trace.n_layers} of {model.n_moe_layers} MoE layers: times extrapolated "
               f"x{setup.time_scale:.2f}")
     print(format_table(records))
+    print(table_legend())
     print("bounds (no host time): oracle = the best clairvoyant variant (Belady eviction and perfect prefetch "
           "through the same copy queue, or a deployable structure placed from the replayed requests' own "
           "counts); roofline = every expert on the GPU when used (perfect prefetch, free transfers)")
@@ -199,8 +200,8 @@ def run(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
         print(f"wrote {out}")
     if args.plot:
-        title = f"SIMULATED - {trace_name} - {model.name} on {profile.name} - {mode_label(setup)}"
-        print(f"wrote {plot(records, Path(args.plot), title)}")
+        title = f"SIMULATED - {trace_name} - {model.name} on {profile.name}"
+        print(f"wrote {plot(records, Path(args.plot), title, host_cost=setup.host_cost, projection=setup.projection)}")
     return 0
 
 
@@ -208,7 +209,7 @@ def run_workload(args: argparse.Namespace, names: list[str], ratios: list[float]
                  profile: HardwareProfile) -> int:
     """``--workload``: simulate every trace of the preset; records carry the workload, batch and lengths."""
     from hybrimoe_kt.provenance import provenance
-    from hybrimoe_kt.sim.report import format_table, plot
+    from hybrimoe_kt.sim.report import format_table, plot, table_legend
     from hybrimoe_kt.sim.runner import SimSetup, simulate
     from hybrimoe_kt.traces.workloads import get_workload, workload_traces
 
@@ -227,11 +228,12 @@ def run_workload(args: argparse.Namespace, names: list[str], ratios: list[float]
               f"{wt.output_len}, {wt.trace.n_tokens} tokens), model {model.name}, hardware profile "
               f"{profile.name} (cost model, not a measurement); {mode_label(setup)}")
         print(format_table(recs))
+        print(table_legend())
         if args.plot:
             out = Path(args.plot)
             path = out.with_name(f"{out.stem}-p{wt.prompt_len}-b{wt.batch}{out.suffix or '.png'}")
-            title = f"SIMULATED - {wt.label} - {model.name} on {profile.name} - {mode_label(setup)}"
-            print(f"wrote {plot(recs, path, title)}")
+            title = f"SIMULATED - {wt.label} - {model.name} on {profile.name}"
+            print(f"wrote {plot(recs, path, title, host_cost=setup.host_cost, projection=setup.projection)}")
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
