@@ -38,6 +38,7 @@ log = logging.getLogger("bench_simulate")
 def bench_model(model: str, ratios: list[float], hardware: str, seed: int, workers: int,
                 per_strategy: bool) -> dict[str, Any]:
     spec = f"synthetic:{model}"
+    load_start = os.getloadavg()[0]  # the machine may be shared: timings are only as clean as this
     t0 = time.perf_counter()
     trace = parse_trace_spec(spec, seed=seed)
     profile = dataclasses.replace(load_profile(hardware), gpu_mem_gib=0.0)  # no budget check (see above)
@@ -64,7 +65,8 @@ def bench_model(model: str, ratios: list[float], hardware: str, seed: int, worke
         "folds": len(folds), "strategies": names, "ratios": ratios, "workers": workers,
         "trace_build_s": round(t_trace, 3), "folds_build_s": round(t_folds, 3),
         "per_strategy_s": per, "per_strategy_sum_s": round(sum(per.values()), 3) if per else None,
-        "total_s": total, "records": len(records),
+        "total_s": total, "records": len(records), "loadavg_1m_start": load_start,
+        "loadavg_1m_end": os.getloadavg()[0],
     }
 
 
