@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
 from hybrimoe_kt.calibrate_host import estimate_for, measure_host
+from hybrimoe_kt.core.host import HostCosts, HostTime
 from hybrimoe_kt.provenance import provenance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,14 +46,26 @@ FACTORS: dict[str, tuple[float, str]] = {
 }
 
 
+def median_host(runs: list[HostCosts]) -> HostCosts:
+    """Per strategy, phase and part, the median over repeated measurements (the machine is shared)."""
+    first = runs[0]
+    table = {s: {p: HostTime(float(np.median([r.strategies[s][p].critical for r in runs])),
+                             float(np.median([r.strategies[s][p].background for r in runs])))
+                 for p in phases} for s, phases in first.strategies.items()}
+    return HostCosts(table, 1.0, f"{first.source}; median of {len(runs)} measurements",
+                     {"runs": [r.measured for r in runs]})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="measurements; each figure is their median")
     ap.add_argument("--out", default=str(REPO / "results" / "host-this-machine.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    host = measure_host(seed=args.seed, progress=True)
+    runs = [measure_host(seed=args.seed + i, progress=True) for i in range(args.repeats)]
+    host = median_host(runs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**provenance(seed=args.seed), "label": "host time per MoE layer call, runtime "
