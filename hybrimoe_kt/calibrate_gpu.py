@@ -76,7 +76,8 @@ def measure_gpu(hidden: int, intermediate: int, tokens: tuple[int, ...], repeats
     latency = max(copy_s[0] - sizes[0] / bw, 0.0)
     pcie = Link(bw_gbs=bw / 1e9, latency_us=latency * 1e6)
     info = {"device": torch.cuda.get_device_name(0), "samples": raw,
-            "mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2), "fit_rel_rms": fit.rel_rms,
+            "mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2),
+            "fit_rel_rms": fit.rel_rms,
             "mem_bw_source": fit.mem_bw_source, "call_s": call_s,
             "h2d_copy": [{"bytes": b, "seconds": s} for b, s in zip(sizes, copy_s)]}
     log.info("GPU %s: %.0f GB/s, %.1f TFLOP/s, PCIe %.1f GB/s", info["device"], gpu.mem_bw_gbs,
