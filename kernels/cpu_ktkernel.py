@@ -36,8 +36,9 @@ def quiet_stdout() -> Iterator[None]:
         return
     libc = ctypes.CDLL(None)
     try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
+        null = os.open(os.devnull, os.O_WRONLY)  # os.open, not open(): builtins may be gone at shutdown
+        os.dup2(null, 1)
+        os.close(null)
         yield
     finally:
         libc.fflush(None)  # C stdio buffers hold what was written while silenced
