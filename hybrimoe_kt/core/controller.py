@@ -40,6 +40,17 @@ class Decision:
     demand_copy_end: float          # copy queue end after demand loads, before background copies
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """What ``background`` needs from the last ``decide``."""
+
+    routing: LayerRouting
+    cpu: tuple[int, ...]            # experts the CPU serves (candidates for admission)
+    end: float                      # the layer's predicted end
+    is_prefill: bool
+    keep: set[ExpertId]             # experts the layer uses or loads: never background victims
+
+
 class Controller:
     def __init__(self, policies: Policies, cache: ExpertCache, cost: CostModel, clock: Clock,
                  top_k: int) -> None:
@@ -54,7 +65,7 @@ class Controller:
         self._free = self.spec.free_transfers
         self._xfer = 0.0 if self._free else cost.transfer()
         self._view = _View(self)
-        self._pending: tuple | None = None  # what background() needs from the last decide()
+        self._pending: _Pending | None = None  # what background() needs from the last decide()
 
     def decide(self, routing: LayerRouting, now: float, gpu_free: float = 0.0,
                is_prefill: bool = False) -> Decision:
@@ -89,7 +100,7 @@ class Controller:
         # experts this layer uses or this plan admits are never background victims: the executor
         # frees evicted slots before it loads and computes, so such a victim would have no slot
         keep = in_use | {(layer, e) for e in split.loads}
-        self._pending = (routing, split.cpu, now + split.makespan_s, is_prefill, keep)
+        self._pending = _Pending(routing, split.cpu, now + split.makespan_s, is_prefill, keep)
         plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), split.makespan_s)
         return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end)
 
@@ -97,8 +108,8 @@ class Controller:
         """Background copies for the layer last passed to ``decide`` (once; empty when called again)."""
         if self._pending is None:
             return EMPTY_BACKGROUND
-        routing, cpu, end, is_prefill, keep = self._pending
-        self._pending = None
+        p, self._pending = self._pending, None
+        routing, cpu, end, is_prefill, keep = p.routing, p.cpu, p.end, p.is_prefill, p.keep
         evictions: list[ExpertId] = []
         copies, landing = self._background(routing, cpu, end, is_prefill, evictions, keep)
         if not copies:
