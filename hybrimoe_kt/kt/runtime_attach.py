@@ -17,7 +17,7 @@ from hybrimoe_kt.core.memory import DEFAULT_CONTEXT_TOKENS, check_runtime_memory
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.strategies import get_strategy, slots_for, with_overrides
 from hybrimoe_kt.kt.operators import HybriMoEExperts, RuntimeSettings
-from hybrimoe_kt.runtime.device import Tier
+from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.moe import HybridMoE
 from hybrimoe_kt.runtime.store import HostExpertStore, LayerWeights
 from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
@@ -160,7 +160,8 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
             if op.weights is None:
                 raise ValueError(f"{op.key}: its weights were already handed to a runtime")
             layers.append(LayerWeights(*op.weights))
-        store = HostExpertStore(layers)
+        with real_host():  # host memory: real tensors even under FakeTensorMode
+            store = HostExpertStore(layers)
     for op in ops:
         op.weights = None  # the store holds the only host copy
     spec = get_strategy(s.strategy)

@@ -42,17 +42,51 @@ class StandInEvent:
 Event = Union[StandInEvent, "torch.cuda.Event"]
 
 
+def fake_mode_active() -> bool:
+    """True while a ``FakeTensorMode`` is active (CI's device-placement checks without a GPU)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` with a CUDA index filled in (``cuda`` -> ``cuda:<current>``, ``cuda:0`` without CUDA,
+    as fake CUDA tensors need one), so that every module and tensor compares equal on it."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+@contextmanager
+def real_host() -> Iterator[None]:
+    """Host-side work (CPU expert kernels, their buffers) on real tensors even under FakeTensorMode:
+    the kernels need real pointers. A no-op outside fake mode."""
+    if not fake_mode_active():
+        yield
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        yield
+
+
 class Tier:
     """The GPU tier's device with its compute stream and one copy stream."""
 
     def __init__(self, device: Union[str, torch.device]) -> None:
-        self.device = torch.device(device)
-        self.is_cuda = self.device.type == "cuda"
-        if self.is_cuda:
+        self.device = resolve_device(device)
+        # fake CUDA (FakeTensorMode without a GPU, CI's placement checks): tensors on a fake cuda
+        # device, streams and events by the stand-in
+        self.is_fake = self.device.type == "cuda" and not torch.cuda.is_available() and fake_mode_active()
+        self.is_cuda = self.device.type == "cuda" and not self.is_fake
+        if self.is_fake:
+            self.copy_stream: Optional[torch.cuda.Stream] = None
+        elif self.is_cuda:
             if not torch.cuda.is_available():
                 raise ValueError(f"device {self.device} requested but CUDA is not available; "
                                  f"use device 'cpu' (the CPU stand-in)")
-            self.copy_stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(self.device)
+            self.copy_stream = torch.cuda.Stream(self.device)
         elif self.device.type == "cpu":
             self.copy_stream = None
         else:
@@ -63,6 +97,8 @@ class Tier:
         """How results must describe this tier."""
         if self.is_cuda:
             return f"GPU ({torch.cuda.get_device_name(self.device)})"
+        if self.is_fake:
+            return f"fake {self.device} (FakeTensorMode, no GPU: placement checks only)"
         return "CPU stand-in for the GPU tier (device cpu)"
 
     def event(self) -> Event:

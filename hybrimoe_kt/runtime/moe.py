@@ -34,7 +34,7 @@ from hybrimoe_kt.core.types import LayerRouting
 from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, default_threads
 from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
-from hybrimoe_kt.runtime.device import Tier
+from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.slots import SlotPool
 from hybrimoe_kt.runtime.store import HostExpertStore
 from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
@@ -58,7 +58,21 @@ class RuntimeStats:
 
 
 def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` on the host in ``dtype`` (no copy when it already is)."""
+    """``t`` on the host in ``dtype`` (no copy when it already is).
+
+    Under FakeTensorMode (CI's device-placement checks, see ``runtime.device``) ``t`` has no data:
+    the host gets a real placeholder of its shape instead (zeros; integer routing ids get experts
+    ``0..k-1`` in every row, a valid routing), so the controller and the CPU expert kernels, which
+    need real values and pointers, run for real on it."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(t, FakeTensor):
+        shape = tuple(int(d) for d in t.shape)
+        with real_host():
+            if dtype.is_floating_point:
+                return torch.zeros(shape, dtype=dtype)
+            cols = np.arange(shape[-1] if shape else 1, dtype=np.int64)
+            return torch.from_numpy(np.broadcast_to(cols, shape).copy()).to(dtype)
     return t if t.device.type == "cpu" and t.dtype == dtype else t.to("cpu", dtype)
 
 
@@ -86,10 +100,12 @@ class HybridMoE:
                 raise ValueError(f"cpu_backends has {len(cpu_backends)} layers, the store has {n_layers}")
             self.cpu = list(cpu_backends)
         else:
-            workers = CpuWorkerPool(cpu_threads or default_threads())  # one kt-kernel pool for all layers
-            self.cpu = [store.cpu_backend(i, cpu_backend, workers.n_threads, top_k, max_len, workers)
-                        for i in range(n_layers)]
-        self._masks = [b.gpu_mask.numpy() for b in self.cpu]  # [E] bool views, shared memory
+            with real_host():  # the CPU tier is real even under FakeTensorMode
+                workers = CpuWorkerPool(cpu_threads or default_threads())  # one kt-kernel pool for all layers
+                self.cpu = [store.cpu_backend(i, cpu_backend, workers.n_threads, top_k, max_len, workers)
+                            for i in range(n_layers)]
+        with real_host():
+            self._masks = [b.gpu_mask.numpy() for b in self.cpu]  # [E] bool views, shared memory
         self.cache.place(self.policies.placement)
         for eid in self.policies.placement:
             self.pool.load(eid)
@@ -132,7 +148,8 @@ class HybridMoE:
 
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 shared: Optional[SharedFn] = None) -> torch.Tensor:
-        """Routed (+ shared) experts of MoE layer ``layer`` for ``x [N, H]``; returns ``[N, H]`` in x's dtype."""
+        """Routed (+ shared) experts of MoE layer ``layer`` for ``x [N, H]``; returns ``[N, H]`` in x's
+        dtype, on x's device."""
         self._check(layer, x, topk_ids, topk_weights)
         t_start = self._timer()
         if layer <= self._last_layer:
@@ -143,7 +160,8 @@ class HybridMoE:
         self.clock.now = self._forward_index * self.store.n_layers + layer
         ids_cpu = _host(topk_ids, torch.int64)        # [N, K] the one device-to-host copy
         w_cpu = _host(topk_weights, torch.float32)    # [N, K]
-        ids_np = ids_cpu.numpy()
+        with real_host():  # numpy views need real tensors (FakeTensorMode: the placeholders)
+            ids_np, w_np = ids_cpu.numpy(), w_cpu.numpy()
         if ids_np.size:
             if ids_np.size <= 64:  # decode: plain Python beats two numpy reductions
                 flat = ids_np.ravel().tolist()
@@ -153,7 +171,7 @@ class HybridMoE:
             if hi >= self.store.n_experts or lo < -1:
                 raise ValueError(f"topk_ids must be in -1..{self.store.n_experts - 1}, got {int(lo)}..{int(hi)}")
         n = x.shape[0]
-        routing = LayerRouting.from_topk(layer, ids_np, w_cpu.numpy(), is_prefill=n > 1)
+        routing = LayerRouting.from_topk(layer, ids_np, w_np, is_prefill=n > 1)
         gpu_free = self._shared_s(n) if shared is not None and self._shared_s is not None else 0.0
         d = self.controller.decide(routing, t_start - self._t0, gpu_free, n > 1)
         plan = d.plan
@@ -169,8 +187,9 @@ class HybridMoE:
             if plan.gpu:
                 mask[list(plan.gpu)] = True
             x_cpu = _host(x, torch.bfloat16).contiguous()
-            cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
-            backend.submit(x_cpu, ids_cpu, w_cpu, cpu_out)
+            with real_host():
+                cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
+                backend.submit(x_cpu, ids_cpu, w_cpu, cpu_out)
         # demand loads, then the GPU experts from their slots; slot ids are built on the host (numpy,
         # a few microseconds) and sent as one small copy - no device-side gathers, no syncs
         streamed = set(d.streamed)
@@ -213,13 +232,15 @@ class HybridMoE:
             pool.load(eid)
         t_background = self._timer()
         if plan.cpu and not plan.gpu and shared_out is None:
-            backend.sync()  # CPU tier only: its output is the result
+            with real_host():
+                backend.sync()  # CPU tier only: its output is the result
             result = cpu_out.to(dev, x.dtype)
         else:
             if out is None:  # no routed expert activated (all ids -1) and no shared expert
                 out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
             if plan.cpu:
-                backend.sync()
+                with real_host():
+                    backend.sync()
                 out += cpu_out.to(dev, torch.float32)
             if shared_out is not None:
                 out += shared_out.to(torch.float32)
@@ -236,4 +257,4 @@ class HybridMoE:
         st.gpu_experts += len(plan.gpu)
         st.cpu_experts += len(plan.cpu)
         st.streamed += len(streamed)
-        return result
+        return result.to(x.device)  # on the input's device (no-op when the tier's device is x's)
