@@ -17,6 +17,7 @@ test drives the runtime with the simulator's timeline).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,22 +59,25 @@ class RuntimeStats:
 
 
 def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` on the host in ``dtype`` (no copy when it already is).
+    """``t`` on the host in ``dtype`` (no copy when it already is)."""
+    return t if t.device.type == "cpu" and t.dtype == dtype else t.to("cpu", dtype)
 
-    Under FakeTensorMode (CI's device-placement checks, see ``runtime.device``) ``t`` has no data:
-    the host gets a real placeholder of its shape instead (zeros; integer routing ids get experts
-    ``0..k-1`` in every row, a valid routing), so the controller and the CPU expert kernels, which
-    need real values and pointers, run for real on it."""
+
+def _host_placeholder(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``_host`` on a fake tier (FakeTensorMode, CI's device-placement checks, see ``runtime.device``):
+    ``t`` has no data, so the host gets a real placeholder of its shape (zeros; integer routing ids get
+    experts ``0..k-1`` in every row, a valid routing) and the controller and the CPU expert kernels,
+    which need real values and pointers, run for real on it."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    if isinstance(t, FakeTensor):
-        shape = tuple(int(d) for d in t.shape)
-        with real_host():
-            if dtype.is_floating_point:
-                return torch.zeros(shape, dtype=dtype)
-            cols = np.arange(shape[-1] if shape else 1, dtype=np.int64)
-            return torch.from_numpy(np.broadcast_to(cols, shape).copy()).to(dtype)
-    return t if t.device.type == "cpu" and t.dtype == dtype else t.to("cpu", dtype)
+    if not isinstance(t, FakeTensor):
+        return _host(t, dtype)
+    shape = tuple(int(d) for d in t.shape)
+    with real_host():
+        if dtype.is_floating_point:
+            return torch.zeros(shape, dtype=dtype)
+        cols = np.arange(shape[-1] if shape else 1, dtype=np.int64)
+        return torch.from_numpy(np.broadcast_to(cols, shape).copy()).to(dtype)
 
 
 class HybridMoE:
@@ -111,6 +115,9 @@ class HybridMoE:
             self.pool.load(eid)
         self.stats = RuntimeStats()
         self._timer = timer
+        # fake tier: host work on real placeholders; else plain host copies and no context switches
+        self._to_host = _host_placeholder if tier.is_fake else _host
+        self._real = real_host if tier.is_fake else contextlib.nullcontext
         self._shared_s = getattr(cost, "shared", None)  # predicted shared-expert time (RooflineCost)
         self._t0 = timer()
         self._mark: Optional[float] = None  # when this layer's non-MoE part began (previous call's end)
@@ -158,9 +165,9 @@ class HybridMoE:
                 self._mark = None  # no begin_forward(): the last forward's end is not this layer's start
         self._last_layer = layer
         self.clock.now = self._forward_index * self.store.n_layers + layer
-        ids_cpu = _host(topk_ids, torch.int64)        # [N, K] the one device-to-host copy
-        w_cpu = _host(topk_weights, torch.float32)    # [N, K]
-        with real_host():  # numpy views need real tensors (FakeTensorMode: the placeholders)
+        ids_cpu = self._to_host(topk_ids, torch.int64)        # [N, K] the one device-to-host copy
+        w_cpu = self._to_host(topk_weights, torch.float32)    # [N, K]
+        with self._real():  # numpy views need real tensors (FakeTensorMode: the placeholders)
             ids_np, w_np = ids_cpu.numpy(), w_cpu.numpy()
         if ids_np.size:
             if ids_np.size <= 64:  # decode: plain Python beats two numpy reductions
@@ -186,8 +193,8 @@ class HybridMoE:
             mask[:] = False
             if plan.gpu:
                 mask[list(plan.gpu)] = True
-            x_cpu = _host(x, torch.bfloat16).contiguous()
-            with real_host():
+            x_cpu = self._to_host(x, torch.bfloat16).contiguous()
+            with self._real():
                 cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
                 backend.submit(x_cpu, ids_cpu, w_cpu, cpu_out)
         # demand loads, then the GPU experts from their slots; slot ids are built on the host (numpy,
@@ -232,14 +239,14 @@ class HybridMoE:
             pool.load(eid)
         t_background = self._timer()
         if plan.cpu and not plan.gpu and shared_out is None:
-            with real_host():
+            with self._real():
                 backend.sync()  # CPU tier only: its output is the result
             result = cpu_out.to(dev, x.dtype)
         else:
             if out is None:  # no routed expert activated (all ids -1) and no shared expert
                 out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
             if plan.cpu:
-                with real_host():
+                with self._real():
                     backend.sync()
                 out += cpu_out.to(dev, torch.float32)
             if shared_out is not None:
