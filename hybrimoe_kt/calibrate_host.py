@@ -7,7 +7,8 @@ masks, slot bookkeeping, dispatch, the sum of the tiers, and the background copi
 kernels would run. Per layer call:
 
 - background = the runtime's own ``background_s`` of the call (deciding and queueing background copies);
-- critical = the whole layer call minus its background part.
+- critical = the whole layer call minus its background part;
+- upkeep (step-cadence strategies) = the step's upkeep before its first layer, per layer call.
 
 Medians over the calls of each phase (the machine is shared: the median ignores other processes'
 bursts). The GPU tier is the CPU stand-in here: on a CUDA machine the same code measures the real path.
@@ -25,7 +26,7 @@ from hybrimoe_kt.core.host import HostCosts, HostTime
 
 log = logging.getLogger(__name__)
 
-DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe")
+DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe", "hybrimoe-step")
 
 
 def measure_host(strategies: Sequence[str] = DEPLOYABLE, *, layers: int = 4, hidden: int = 512,
@@ -80,8 +81,9 @@ def measure_host(strategies: Sequence[str] = DEPLOYABLE, *, layers: int = 4, hid
                 bg = np.asarray(rec.layer_background_s)                 # [calls] its background part
                 critical = float(np.median(call - bg)) if call.size else 0.0
                 background = float(np.median(bg)) if bg.size else 0.0
-                table[name][phase] = HostTime(max(0.0, critical), background)
-                raw[name][phase] = {"layer_call_median_us": round(float(np.median(call)) * 1e6, 2),
+                upkeep = float(np.median(rec.forward_upkeep_s)) / layers if spec.cadence == "step" else 0.0
+                table[name][phase] = HostTime(max(0.0, critical), background, upkeep)
+                raw[name][phase] = {"upkeep_median_us_per_layer": round(upkeep * 1e6, 2),"layer_call_median_us": round(float(np.median(call)) * 1e6, 2),
                                     "layer_call_p90_us": round(float(np.percentile(call, 90)) * 1e6, 2),
                                     "critical_median_us": round(critical * 1e6, 2),
                                     "background_median_us": round(background * 1e6, 2), "calls": int(call.size)}

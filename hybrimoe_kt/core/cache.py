@@ -143,6 +143,31 @@ class ExpertCache:
         """Resident experts of ``layer`` whose copy lands after ``now``: expert -> seconds until it lands."""
         return {e: t - now for e, t in self._slots[layer].items() if t > now}
 
+    def resident_mask(self) -> np.ndarray:
+        """``[L, E]`` bool: holds a slot, copies in flight included (a live view: do not write)."""
+        return self._is_res
+
+    def landed_mask(self, t: float) -> np.ndarray:
+        """``[L, E]`` bool: resident with its copy landed by ``t`` (a new array)."""
+        return self._is_res & (self._ready <= t)
+
+    def evictable_mask(self, now: float) -> np.ndarray:
+        """``[L, E]`` bool: residents that may be evicted at ``now`` (landed, not pinned)."""
+        m = self.landed_mask(now)
+        if self._pinned:
+            m &= ~self._is_pinned
+        return m
+
+    def split_landed(self, layer: int, experts: Iterable[int], t: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(landed, rest)``: the ``experts`` of ``layer`` resident with their copy landed by ``t``,
+        and the others (in the given order)."""
+        slots = self._slots[layer]
+        on, off = [], []
+        for e in experts:
+            r = slots.get(e)
+            (on if r is not None and r <= t else off).append(e)
+        return tuple(on), tuple(off)
+
     def has_room(self, layer: int) -> bool:
         if self.global_pool:
             return self._size < self.capacity

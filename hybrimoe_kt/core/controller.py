@@ -8,6 +8,10 @@ owns the expert cache, the strategy's policies and its own prediction of the cop
 which booked copies land, from the cost model): the simulator takes those times as truth, the runtime
 uses them for decisions and enforces ordering with real events.
 
+A strategy with the step cadence (``core.upkeep``) skips the policies in decode: ``decide`` splits a
+decode layer by visible residency (landed by the last ``upkeep``), and the executor calls ``upkeep``
+before every forward, with the previous decode step's routing, to feed the policies and book swaps.
+
 Order inside ``decide``: the eviction policy and admission rule see the routing; the cache counts hits;
 the scheduler splits the experts; demand loads take slots (evicting residents the layer does not use,
 or streaming through a scratch buffer when none can be freed). ``background`` then chooses CPU-served
@@ -19,11 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from hybrimoe_kt.core.cache import CacheFull, ExpertCache
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import Policies
 from hybrimoe_kt.core.types import EMPTY_BACKGROUND, BackgroundPlan, ExpertId, LayerRouting, Plan
+from hybrimoe_kt.core.upkeep import EMPTY_UPKEEP, StepRouting, UpkeepPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +73,14 @@ class Controller:
         self._xfer = 0.0 if self._free else cost.transfer()
         self._view = _View(self)
         self._pending: _Pending | None = None  # what background() needs from the last decide()
+        self._step = self.spec.cadence == "step"
+        self.visible_at = -float("inf")  # step cadence: copies landed by then are served from their slot
 
     def decide(self, routing: LayerRouting, now: float, gpu_free: float = 0.0,
                is_prefill: bool = False) -> Decision:
         """Plan one layer whose MoE part starts at ``now``; the GPU is busy for ``gpu_free`` first."""
+        if self._step and not is_prefill:
+            return self._decide_visible(routing)
         pol, cache, layer = self.policies, self.cache, routing.layer
         if self.spec.uses_gpu_cache:  # without a GPU cache there is nothing to rank or admit
             pol.eviction.on_route(routing)
@@ -103,6 +114,75 @@ class Controller:
         self._pending = _Pending(routing, split.cpu, now + split.makespan_s, is_prefill, keep)
         plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), split.makespan_s)
         return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end)
+
+    def _decide_visible(self, routing: LayerRouting) -> Decision:
+        """Step cadence, decode: visible residents on the GPU, the rest on the CPU; no policy work."""
+        self._pending = None
+        gpu, cpu = self.cache.split_landed(routing.layer, routing.experts, self.visible_at)
+        c = self.cache.counters
+        c.hits += len(gpu)
+        c.misses += len(cpu)
+        plan = Plan(routing.layer, gpu, cpu, (), (), 0.0)
+        return Decision(plan, len(gpu), 0, len(cpu), {}, {}, (), self.copy_free_at)
+
+    def account_step(self, step: StepRouting, served: np.ndarray) -> tuple[int, int]:
+        """Step cadence, runtime: count a recorded decode step's activated experts (distinct per layer)
+        as hits (served from a slot: ``served`` [L, E]) or misses, as ``decide`` counts them per layer
+        in the simulator. Returns ``(hits, misses)``."""
+        ran = step.ran  # [L, N, K]
+        ok = ran >= 0
+        used = np.zeros(served.shape, dtype=bool)
+        layer = np.broadcast_to(np.arange(ran.shape[0])[:, None, None], ran.shape)
+        used[layer[ok], ran[ok]] = True
+        h = int(np.count_nonzero(used & served))
+        m = int(np.count_nonzero(used)) - h
+        c = self.cache.counters
+        c.hits += h
+        c.misses += m
+        return h, m
+
+    def visible(self):  # -> np.ndarray [L, E] bool
+        """Step cadence: the experts a decode layer serves from their slot until the next upkeep."""
+        return self.cache.landed_mask(self.visible_at)
+
+    def upkeep(self, last: StepRouting | None, now: float, plan: bool = True) -> UpkeepPlan:
+        """Step cadence, between forwards (a no-op for the per-layer cadence): copies landed by ``now``
+        become visible; ``last`` (the previous forward's routing when it was a decode step, else None)
+        goes to the policies in one vectorized update; when ``plan`` (the coming forward is a decode
+        step) the swaps worth their copy are booked on the copy queue, about ``step_copy_budget`` steps
+        of it. The executor frees the evictions' slots, then queues the copies in order."""
+        if not self._step:
+            return EMPTY_UPKEEP
+        self.visible_at = now
+        up = self.policies.upkeep
+        if up is None:
+            return EMPTY_UPKEEP
+        if last is not None:
+            up.observe_step(last)
+        if not plan:
+            return EMPTY_UPKEEP
+        cache, xfer = self.cache, self._xfer
+        if self._free:
+            max_copies = cache.n_layers * cache.n_experts
+        else:
+            budget = (up.budget_steps * cache.n_layers * self.layer_time_ema
+                      - max(0.0, self.copy_free_at - now))
+            max_copies = int(budget // xfer) if xfer > 0 and budget > 0 else 0
+        swaps = up.swaps(cache.resident_mask(), cache.evictable_mask(now), cache.quotas,
+                         cache.capacity if cache.global_pool else None, max_copies)
+        evictions: list[ExpertId] = []
+        copies: list[ExpertId] = []
+        landing: list[float] = []
+        for new, victim in swaps:
+            if victim is not None:
+                evictions.append(victim)
+            t = now if self._free else max(self.copy_free_at, now) + xfer
+            if not self._free:
+                self.copy_free_at = t
+            cache.admit(new, t, (), now, victim=victim)
+            copies.append(new)
+            landing.append(t)
+        return UpkeepPlan(tuple(evictions), tuple(copies), tuple(landing))
 
     def background(self) -> BackgroundPlan:
         """Background copies for the layer last passed to ``decide`` (once; empty when called again)."""

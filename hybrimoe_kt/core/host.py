@@ -8,6 +8,9 @@ The runtime's own Python work per layer is part of what a strategy costs (the re
   It delays the layer in full.
 - ``background_us``: work decided while the kernels run (background copies: admissions, prefetches).
   Only what exceeds the layer's kernel time delays the layer.
+- ``upkeep_us`` (optional, 0 when absent): a step-cadence strategy's cache upkeep between decode steps
+  (``core.upkeep``), amortized per layer call. It runs on the host thread before the step's first
+  layer, so the simulator charges ``upkeep_us`` times the step's layers before the step in full.
 
 ``hybrimoe-kt calibrate`` measures them from the runtime itself (kernels as no-ops); presets carry an
 estimate scaled from such a measurement, with the factor and its source. Bounds (``oracle``,
@@ -26,14 +29,16 @@ HOST_FREE = ("oracle", "roofline")  # bounds: no host time
 
 @dataclass(frozen=True, slots=True)
 class HostTime:
-    """Seconds of host time per layer call (``critical``, ``background``)."""
+    """Seconds of host time per layer call (``critical``, ``background``, amortized ``upkeep``)."""
 
     critical: float = 0.0
     background: float = 0.0
+    upkeep: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.critical < 0 or self.background < 0:
-            raise ValueError(f"host times must be >= 0, got critical {self.critical}, background {self.background}")
+        if self.critical < 0 or self.background < 0 or self.upkeep < 0:
+            raise ValueError(f"host times must be >= 0, got critical {self.critical}, background "
+                             f"{self.background}, upkeep {self.upkeep}")
 
 
 ZERO_HOST = HostTime()
@@ -61,7 +66,8 @@ class HostCosts:
     def to_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "source": self.source, "measured": dict(self.measured),
                 "strategies": {s: {p: {"critical_us": round(t.critical * 1e6, 3),
-                                       "background_us": round(t.background * 1e6, 3)}
+                                       "background_us": round(t.background * 1e6, 3),
+                                       **({"upkeep_us": round(t.upkeep * 1e6, 3)} if t.upkeep else {})}
                                    for p, t in phases.items()}
                                for s, phases in sorted(self.strategies.items())}}
 
@@ -83,11 +89,13 @@ class HostCosts:
                                  f"got {phases!r}"[:200])
             strategies[name] = {}
             for phase, t in phases.items():
-                if not isinstance(t, Mapping) or set(t) != {"critical_us", "background_us"}:
-                    raise ValueError(f"host.strategies.{name}.{phase} must be {{critical_us, background_us}}, "
-                                     f"got {t!r}"[:200])
+                if (not isinstance(t, Mapping) or not {"critical_us", "background_us"} <= set(t)
+                        or not set(t) <= {"critical_us", "background_us", "upkeep_us"}):
+                    raise ValueError(f"host.strategies.{name}.{phase} must be {{critical_us, background_us"
+                                     f"[, upkeep_us]}}, got {t!r}"[:200])
                 strategies[name][phase] = HostTime(float(t["critical_us"]) * 1e-6,
-                                                   float(t["background_us"]) * 1e-6)
+                                                   float(t["background_us"]) * 1e-6,
+                                                   float(t.get("upkeep_us", 0.0)) * 1e-6)
         scale = float(d.get("scale", 1.0))
         if not scale > 0:
             raise ValueError(f"host.scale must be > 0, got {scale}")
@@ -95,5 +103,6 @@ class HostCosts:
 
     def scaled(self, factor: float, source: str) -> "HostCosts":
         """These times multiplied by ``factor`` (another machine's estimate), with the reason."""
-        return HostCosts({s: {p: HostTime(t.critical * factor, t.background * factor) for p, t in ph.items()}
+        return HostCosts({s: {p: HostTime(t.critical * factor, t.background * factor, t.upkeep * factor)
+                              for p, t in ph.items()}
                           for s, ph in self.strategies.items()}, self.scale * factor, source, self.measured)

@@ -20,9 +20,10 @@ from hybrimoe_kt.core.prefetch import (ImpactPrefetch, NextScorePrefetch, NoPref
 from hybrimoe_kt.core.protocols import Clock, EvictionPolicy, Prefetcher, Scheduler
 from hybrimoe_kt.core.schedulers import SchedulerName, make_scheduler
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
+from hybrimoe_kt.core.upkeep import StepRebalance
 
 StrategyName = Literal["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe",
-                       "oracle", "roofline"]
+                       "hybrimoe-step", "oracle", "roofline"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +43,36 @@ class StrategySpec:
     placement: Literal["none", "frequency"] = "frequency"  # initial GPU experts at load time
     pool: Literal["layer", "global"] = "layer"
     copy_horizon_layers: float = 2.0    # background copies may book the queue this many layers ahead
+    # "layer": policies run per layer call (demand loads, background copies); "step": decode layers
+    # only look residency up, and the cache is updated once per decode step (core.upkeep)
+    cadence: Literal["layer", "step"] = "layer"
+    step_copy_budget: float = 1.0       # step cadence: upkeep copies may book the queue this many steps
+    swap_depth: int = 8                 # step cadence: swaps considered per pool and upkeep
     free_transfers: bool = False        # bound only: copies take no time and no queue
     uses_gpu_cache: bool = True
     clairvoyant: bool = False           # needs the future (a bound, not a deployable policy)
+
+    @property
+    def decode_lookup(self) -> bool:
+        """Decode layers need no per-layer decision: the split is the residency (no cache, a fixed
+        cache, or the step cadence), so the runtime looks it up instead of asking the controller."""
+        return self.cadence == "step" or not self.uses_gpu_cache or self.eviction == "static"
 
     def __post_init__(self) -> None:
         if self.prefetch_depth < 1:
             raise ValueError(f"strategy {self.name}: prefetch_depth must be >= 1")
         if self.copy_horizon_layers < 0:
             raise ValueError(f"strategy {self.name}: copy_horizon_layers must be >= 0")
+        if self.cadence not in ("layer", "step"):
+            raise ValueError(f"strategy {self.name}: cadence must be 'layer' or 'step', got {self.cadence!r}")
+        if self.cadence == "step" and self.eviction not in ("mrs", "reuse"):
+            raise ValueError(f"strategy {self.name}: the step cadence needs an eviction policy scored over "
+                             f"[layers, experts] arrays (mrs or reuse), got {self.eviction}")
+        if self.cadence == "step" and self.eviction != "reuse" and self.admission != "expected-reuse":
+            raise ValueError(f"strategy {self.name}: the step cadence prices swaps with a reuse rate: use "
+                             f"eviction 'reuse' or admission 'expected-reuse'")
+        if self.step_copy_budget < 0 or self.swap_depth < 1:
+            raise ValueError(f"strategy {self.name}: step_copy_budget must be >= 0 and swap_depth >= 1")
 
 
 STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
@@ -68,6 +90,13 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  "extra hits pay for the host-memory traffic of the copy, decode only", "balanced", "mrs",
                  prefetch="impact", prefetch_depth=2, admit_misses=True, admission="expected-reuse",
                  admission_margin=1.0, copy_horizon_layers=4.0, background_in_prefill=False),
+    StrategySpec("hybrimoe-step", "the project's strategy with its cache upkeep off the decode critical "
+                 "path: decode layers run resident experts on the GPU and the rest on the CPU; once per "
+                 "decode step the cache swaps in the experts whose expected extra hits pay for the copy "
+                 "(MRS ranks the residents, a reuse rate prices the swap), copies booked for about one "
+                 "step; prefill as hybrimoe", "balanced", "mrs", admit_misses=True,
+                 admission="expected-reuse", admission_margin=1.0, copy_horizon_layers=4.0,
+                 background_in_prefill=False, cadence="step"),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,
@@ -97,6 +126,7 @@ class Policies:
     admission: AdmissionRule
     prefetcher: Prefetcher
     placement: tuple[ExpertId, ...]
+    upkeep: Optional[StepRebalance] = None  # the step cadence's planner (None: per-layer cadence)
 
 
 def slots_for(spec: StrategySpec, n_layers: int, n_experts: int, cache_ratio: float) -> int:
@@ -168,7 +198,12 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
         estimator = ReuseRate(n_layers, n_experts, half_life=spec.reuse_half_life)
     admission = make_admission(spec.admission, margin=spec.admission_margin,
                                horizon=spec.reuse_half_life, estimator=estimator)
-    return Policies(spec, scheduler, eviction, admission, prefetcher, placement)
+    upkeep = None
+    if spec.cadence == "step" and slots > 0:
+        rate = eviction if ev == "reuse" else estimator  # fed per layer in prefill, per step in decode
+        upkeep = StepRebalance(eviction, rate, horizon=spec.reuse_half_life, threshold=spec.admission_margin,
+                               budget_steps=spec.step_copy_budget, depth=spec.swap_depth)
+    return Policies(spec, scheduler, eviction, admission, prefetcher, placement, upkeep)
 
 
 def with_overrides(spec: StrategySpec, **changes: object) -> StrategySpec:

@@ -104,6 +104,7 @@ class RunRecord:
     layer_call_s: list[float] = field(default_factory=list)   # wall time of each HybridMoE.forward call
     layer_s: list[float] = field(default_factory=list)        # whole layer: non-MoE part + the call
     layer_prefill: list[bool] = field(default_factory=list)
+    forward_upkeep_s: list[float] = field(default_factory=list)  # begin_forward of each step (its upkeep)
 
 
 def _sync(device: torch.device) -> None:
@@ -118,8 +119,8 @@ def run_replay(moe: HybridMoE, replay: RoutingReplay, steps: Sequence[ReplayStep
     before the timed region (a router's outputs live there). ``layer_wall`` collects the wall time of
     each layer call (no synchronisation: on a GPU that is the host's share). ``dense``: each layer runs
     its attention-like part before the call and its shared experts inside it (on the tier's device);
-    ``moe.begin_forward()`` marks the first layer's start, so its time given to the controller includes
-    that part, as every later layer's does."""
+    ``moe.begin_forward(is_prefill)`` marks the first layer's start (and runs a step-cadence upkeep), so
+    its time given to the controller includes that part, as every later layer's does."""
     rec = record if record is not None else RunRecord()
     dev = moe.tier.device
     gen = torch.Generator().manual_seed(seed)
@@ -136,8 +137,9 @@ def run_replay(moe: HybridMoE, replay: RoutingReplay, steps: Sequence[ReplayStep
             for layer in range(n_layers):
                 d0, p0, b0 = st.decide_s, st.dispatch_s, st.background_s
                 ta = time.perf_counter()
-                if layer == 0:
-                    moe.begin_forward()
+                if layer == 0:  # a step-cadence strategy runs its upkeep here
+                    moe.begin_forward(is_prefill=step.is_prefill)
+                    rec.forward_upkeep_s.append(time.perf_counter() - ta)
                 shared = None
                 if dense is not None:
                     x = dense.attention(layer, x)

@@ -1,5 +1,8 @@
 """HybridMoE: executes the core's Plans for every MoE layer of a model.
 
+A strategy with the step cadence (``core.upkeep``) runs decode layers without the Controller: the
+residency lookup of ``runtime.step_cadence`` splits the experts, and the cache upkeep runs once per
+step, before the next forward's first layer. Otherwise (and for prefill)
 ``forward(layer, x, topk_ids, topk_weights)`` asks the shared Controller for the layer's Plan, then:
 frees the slots of evicted experts; sets the CPU backend's GPU mask in place and submits the CPU
 experts (asynchronous); queues demand loads on the copy stream; runs the GPU experts from their slots
@@ -37,6 +40,7 @@ from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.slots import SlotPool
+from hybrimoe_kt.runtime.step_cadence import StepCadence
 from hybrimoe_kt.runtime.store import HostExpertStore
 from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
 
@@ -125,17 +129,31 @@ class HybridMoE:
         self._forward_index = -1            # the first call starts forward 0 (the simulator's numbering)
         self._last_layer = n_layers
         self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
+        self._tier_cpu = tier.device.type == "cpu"  # the CPU stand-in: no device moves
+        self._prefill = False               # the current forward's phase
+        self._phase_given: Optional[bool] = None
+        self._upkept = False                # begin_forward() already ran the step upkeep
+        self._cadence: Optional[StepCadence] = None  # step-cadence strategies: decode without policy work
+        if spec.decode_lookup:
+            self._cadence = StepCadence(self.controller, self.pool, self._masks, top_k)
+            self._cadence.publish()
 
     @property
     def label(self) -> str:
         return self.tier.label
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, is_prefill: Optional[bool] = None) -> None:
         """Mark the start of a forward's first MoE decoder layer (its attention): the first layer's time
         reported to the controller then includes its non-MoE part. Without it, a forward's first layer
-        reports its MoE part only."""
-        self._mark = self._timer()
+        reports its MoE part only. ``is_prefill`` names the forward's phase (default: more than one
+        row is a prefill, so a batched decode step should say so); given, a step-cadence strategy runs
+        its upkeep here, before the attention, instead of at the first MoE layer."""
         self._begun = True
+        self._phase_given = is_prefill
+        if is_prefill is not None and self._cadence is not None:
+            self._cadence.between_forwards(self._timer() - self._t0, is_prefill)
+            self._upkept = True
+        self._mark = self._timer()
 
     def _check(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         s = self.store
@@ -156,19 +174,52 @@ class HybridMoE:
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 shared: Optional[SharedFn] = None) -> torch.Tensor:
         """Routed (+ shared) experts of MoE layer ``layer`` for ``x [N, H]``; returns ``[N, H]`` in x's
-        dtype, on x's device."""
+        dtype, on x's device. The steps (named as in ``sim.engine``): start (upkeep between forwards),
+        route, decide (or, in a step-cadence decode, look residency up), dispatch, background, combine."""
         self._check(layer, x, topk_ids, topk_weights)
         t_start = self._timer()
+        n = x.shape[0]
+        self._start(layer, n, t_start)
+        ids_cpu, w_cpu, ids_np, w_np, flat = self._route(topk_ids, topk_weights)
+        if self._cadence is not None and self._cadence.recording:
+            return self._decode_visible(layer, x, topk_weights, ids_cpu, w_cpu, ids_np, w_np, flat, shared,
+                                        t_start)
+        routing = LayerRouting.from_topk(layer, ids_np, w_np, is_prefill=self._prefill)
+        gpu_free = self._shared_s(n) if shared is not None and self._shared_s is not None else 0.0
+        d = self.controller.decide(routing, t_start - self._t0, gpu_free, self._prefill)
+        t_plan = self._timer()
+        cpu_out, out, shared_out = self._dispatch(layer, x, topk_weights, ids_cpu, w_cpu, ids_np, d, shared)
+        t_dispatch = self._timer()
+        self._background()
+        t_background = self._timer()
+        result = self._combine(layer, x, bool(d.plan.cpu), bool(d.plan.gpu), cpu_out, out, shared_out)
+        self._account(t_start, t_plan, t_dispatch, t_background, len(d.plan.gpu), len(d.plan.cpu),
+                      len(d.streamed))
+        return result
+
+    # --- the named steps ---------------------------------------------------------------------------
+    def _start(self, layer: int, n: int, t_start: float) -> None:
+        """A new forward begins at a layer index not above the last one: run the step upkeep."""
         if layer <= self._last_layer:
             self._forward_index += 1
             if not self._begun:
                 self._mark = None  # no begin_forward(): the last forward's end is not this layer's start
+            given = self._phase_given if self._begun else None
+            self._prefill = n > 1 if given is None else given
+            self._phase_given = None
+            if self._cadence is not None and not self._upkept:
+                self._cadence.between_forwards(t_start - self._t0, self._prefill)
+            self._upkept = False
         self._last_layer = layer
         self.clock.now = self._forward_index * self.store.n_layers + layer
-        ids_cpu = self._to_host(topk_ids, torch.int64)        # [N, K] the one device-to-host copy
+
+    def _route(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """The one device-to-host copy: routing ids and weights (the CPU kernel needs them anyway)."""
+        ids_cpu = self._to_host(topk_ids, torch.int64)        # [N, K]
         w_cpu = self._to_host(topk_weights, torch.float32)    # [N, K]
         with self._real():  # numpy views need real tensors (FakeTensorMode: the placeholders)
             ids_np, w_np = ids_cpu.numpy(), w_cpu.numpy()
+        flat = None  # the ids as a list, for decode sizes
         if ids_np.size:
             if ids_np.size <= 64:  # decode: plain Python beats two numpy reductions
                 flat = ids_np.ravel().tolist()
@@ -177,28 +228,69 @@ class HybridMoE:
                 lo, hi = int(ids_np.min()), int(ids_np.max())
             if hi >= self.store.n_experts or lo < -1:
                 raise ValueError(f"topk_ids must be in -1..{self.store.n_experts - 1}, got {int(lo)}..{int(hi)}")
-        n = x.shape[0]
-        routing = LayerRouting.from_topk(layer, ids_np, w_np, is_prefill=n > 1)
-        gpu_free = self._shared_s(n) if shared is not None and self._shared_s is not None else 0.0
-        d = self.controller.decide(routing, t_start - self._t0, gpu_free, n > 1)
-        plan = d.plan
+        return ids_cpu, w_cpu, ids_np, w_np, flat
+
+    def _decode_visible(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, ids_cpu: torch.Tensor,
+                        w_cpu: torch.Tensor, ids_np: np.ndarray, w_np: np.ndarray, flat: Optional[list],
+                        shared: Optional[SharedFn], t_start: float) -> torch.Tensor:
+        """Step-cadence decode: residency lookup, one CPU submit, the GPU experts, one sum."""
+        cad = self._cadence
+        cad.record(layer, ids_np, w_np)
+        if flat is not None:  # decode sizes: plain Python over a list mirror of the slot table
+            row = cad.rows[layer]
+            sids = [row[e] if e >= 0 else -1 for e in flat]
+        else:
+            sids = cad.lookup(layer, ids_np).ravel().tolist()
+            flat = ids_np.ravel().tolist()
+        gpu_slots = [s for s in sids if s >= 0]
+        has_cpu = len(gpu_slots) < len(sids) and any(s < 0 and e >= 0 for e, s in zip(flat, sids))
+        n, dev = x.shape[0], self.tier.device
+        cpu_out = self._submit_cpu(layer, x, ids_cpu, w_cpu) if has_cpu else None  # its mask: the residency
         t_plan = self._timer()
-        pool, tier = self.pool, self.tier
+        out = torch.empty(n, self.store.hidden, dtype=torch.float32, device=dev) if gpu_slots else None
+        shared_out = shared(x) if shared is not None else None
+        if gpu_slots:
+            slot_ids = torch.from_numpy(np.asarray(sids, dtype=np.int32).reshape(ids_np.shape))
+            if self._tier_cpu:
+                x_dev, w_dev = x, topk_weights
+            else:
+                slot_ids = slot_ids.to(dev, non_blocking=True)
+                x_dev, w_dev = x.to(dev), topk_weights.to(dev)
+            gpu_experts_forward(x_dev, slot_ids, w_dev, self.pool.weights, active_slots=gpu_slots, out=out)
+        elif shared_out is not None:
+            out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
+        t_dispatch = self._timer()
+        result = self._combine(layer, x, has_cpu, bool(gpu_slots), cpu_out, out, shared_out)
+        if n == 1:  # a row's experts are distinct
+            n_gpu, n_all = len(gpu_slots), len(flat) - flat.count(-1)
+        else:
+            n_gpu, n_all = len(set(gpu_slots)), len({e for e in flat if e >= 0})
+        self._account(t_start, t_plan, t_dispatch, t_dispatch, n_gpu, n_all - n_gpu, 0)
+        return result
+
+    def _submit_cpu(self, layer: int, x: torch.Tensor, ids_cpu: torch.Tensor, w_cpu: torch.Tensor) -> torch.Tensor:
+        """Submit the CPU experts (asynchronous); the backend's mask must already hold the GPU's."""
+        x_cpu = self._to_host(x, torch.bfloat16).contiguous()
+        with self._real():
+            cpu_out = torch.empty(x.shape[0], self.store.hidden, dtype=torch.bfloat16)
+            self.cpu[layer].submit(x_cpu, ids_cpu, w_cpu, cpu_out)
+        return cpu_out
+
+    def _dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, ids_cpu: torch.Tensor,
+                  w_cpu: torch.Tensor, ids_np: np.ndarray, d, shared: Optional[SharedFn]):
+        """Free evicted slots; mask and submit the CPU experts; queue demand loads; run the GPU experts
+        from their slots (slot ids built on the host and sent as one small copy - no device-side
+        gathers, no syncs) and the shared experts meanwhile."""
+        plan, pool, n = d.plan, self.pool, x.shape[0]
         for eid in plan.evictions:
             pool.release(eid)
-        # CPU tier: mask the experts the GPU serves, submit asynchronously
-        backend = self.cpu[layer]
+        cpu_out = None
         if plan.cpu:
             mask = self._masks[layer]  # numpy view of the backend's gpu_mask: written in place
             mask[:] = False
             if plan.gpu:
                 mask[list(plan.gpu)] = True
-            x_cpu = self._to_host(x, torch.bfloat16).contiguous()
-            with self._real():
-                cpu_out = torch.empty(n, self.store.hidden, dtype=torch.bfloat16)
-                backend.submit(x_cpu, ids_cpu, w_cpu, cpu_out)
-        # demand loads, then the GPU experts from their slots; slot ids are built on the host (numpy,
-        # a few microseconds) and sent as one small copy - no device-side gathers, no syncs
+            cpu_out = self._submit_cpu(layer, x, ids_cpu, w_cpu)
         streamed = set(d.streamed)
         for e in plan.loads:
             if e not in streamed:
@@ -211,7 +303,7 @@ class HybridMoE:
                 s = pool.slot_of((layer, e))
                 slot_of[e] = s
                 resident_slots.append(s)
-        dev = tier.device
+        dev = self.tier.device
         out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev) if plan.gpu or shared else None
         shared_out = shared(x) if shared is not None else None
         if plan.gpu:
@@ -230,28 +322,43 @@ class HybridMoE:
                 sid = torch.from_numpy(np.where(ids_np == e, s, -1).astype(np.int32)).to(dev, non_blocking=True)
                 out += gpu_experts_forward(x_dev, sid, w_dev, pool.weights, active_slots=[s])
                 pool.after_compute([s])
-        t_dispatch = self._timer()
-        # background copies are decided while the kernels run, then queued behind the demand loads
+        return cpu_out, out, shared_out
+
+    def _background(self) -> None:
+        """Background copies, decided while the kernels run, queued behind the demand loads."""
         bg = self.controller.background()
         for eid in bg.evictions:
-            pool.release(eid)
+            self.pool.release(eid)
         for eid in bg.copies:
-            pool.load(eid)
-        t_background = self._timer()
-        if plan.cpu and not plan.gpu and shared_out is None:
+            self.pool.load(eid)
+
+    def _combine(self, layer: int, x: torch.Tensor, has_cpu: bool, has_gpu: bool,
+                 cpu_out: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                 shared_out: Optional[torch.Tensor]) -> torch.Tensor:
+        """Wait for the CPU tier and sum the tiers; the result on x's device, in x's dtype."""
+        dev = self.tier.device
+        if has_cpu and not has_gpu and shared_out is None:
             with self._real():
-                backend.sync()  # CPU tier only: its output is the result
+                self.cpu[layer].sync()  # CPU tier only: its output is the result
             result = cpu_out.to(dev, x.dtype)
         else:
             if out is None:  # no routed expert activated (all ids -1) and no shared expert
-                out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
-            if plan.cpu:
-                with self._real():
-                    backend.sync()
-                out += cpu_out.to(dev, torch.float32)
+                out = torch.zeros(x.shape[0], self.store.hidden, dtype=torch.float32, device=dev)
             if shared_out is not None:
-                out += shared_out.to(torch.float32)
+                out.add_(shared_out)  # fp32
+            if has_cpu:
+                with self._real():
+                    self.cpu[layer].sync()
+                if self._tier_cpu and x.dtype is torch.bfloat16:
+                    return cpu_out.add_(out)  # the fp32 sum, rounded once to bf16, in the CPU buffer
+                out.add_(cpu_out if self._tier_cpu else cpu_out.to(dev))
             result = out.to(x.dtype)
+        if self._tier_cpu and not x.is_cuda:
+            return result
+        return result.to(x.device)  # on the input's device (no-op when the tier's device is x's)
+
+    def _account(self, t_start: float, t_plan: float, t_dispatch: float, t_background: float, n_gpu: int,
+                 n_cpu: int, n_streamed: int) -> None:
         t_end = self._timer()
         self.controller.finish(t_end - (t_start if self._mark is None else self._mark))
         self._mark, self._begun = t_end, False
@@ -261,7 +368,6 @@ class HybridMoE:
         st.dispatch_s += t_dispatch - t_plan
         st.background_s += t_background - t_dispatch
         st.wait_s += t_end - t_background
-        st.gpu_experts += len(plan.gpu)
-        st.cpu_experts += len(plan.cpu)
-        st.streamed += len(streamed)
-        return result.to(x.device)  # on the input's device (no-op when the tier's device is x's)
+        st.gpu_experts += n_gpu
+        st.cpu_experts += n_cpu
+        st.streamed += n_streamed

@@ -8,6 +8,12 @@ the free list. Ordering is enforced with events, never with host syncs:
   is overwritten only after every kernel reading the previous expert has finished;
 - a compute that reads a slot first waits for the slot's copy (``copy_done``).
 
+A step-cadence decode reads slots through the slot table without per-layer events; its upkeep records
+one ``barrier`` on the compute stream before queueing copies, and every later copy waits for it too
+(all kernels launched before the upkeep, the previous step's included, have read their slots). The
+``slot_table`` [L, E] (slot, or -1) and the copies still in flight (``in_flight``) let the runtime
+publish only landed experts.
+
 Together with the core never evicting an expert the current layer uses, this makes the released
 code's prefill race (a slot handed to a layer and overwritten before its compute ran) impossible.
 Scratch slots beyond the cache's capacity serve demand loads that found no evictable slot ("streamed":
@@ -17,6 +23,8 @@ copied, computed once, never admitted).
 from __future__ import annotations
 
 from typing import Optional
+
+import numpy as np
 
 from hybrimoe_kt.core.types import ExpertId
 from hybrimoe_kt.kernels.slot_weights import SlotWeights, quantize_expert
@@ -41,6 +49,9 @@ class SlotPool:
         self.copy_done: list[Optional[Event]] = [None] * (n_slots + n_scratch)
         self.last_read: list[Optional[Event]] = [None] * (n_slots + n_scratch)
         self._next_scratch = 0
+        self.slot_table = np.full((store.n_layers, store.n_experts), -1, dtype=np.int32)  # [L, E]
+        self._barrier: Optional[Event] = None  # every copy waits for it (see the module docstring)
+        self._in_flight: dict[ExpertId, Event] = {}  # admitted copies not yet seen complete
         self.copies = 0
         self.bytes_copied = 0
 
@@ -54,6 +65,8 @@ class SlotPool:
         except KeyError:
             raise RuntimeError(f"slot pool out of sync with the cache: {eid} has no slot") from None
         self.free.append(s)
+        self.slot_table[eid] = -1
+        self._in_flight.pop(eid, None)
 
     def load(self, eid: ExpertId) -> int:
         """Assign a free slot to ``eid`` and copy its weights there on the copy stream."""
@@ -63,8 +76,26 @@ class SlotPool:
             raise RuntimeError(f"slot pool out of sync with the cache: no free slot for {eid}")
         s = self.free.pop()
         self.table[eid] = s
+        self.slot_table[eid] = s
         self._copy(eid, s)
+        ev = self.copy_done[s]
+        if ev is not None and self.tier.is_cuda:
+            self._in_flight[eid] = ev
         return s
+
+    def barrier(self) -> None:
+        """Every later copy waits for the compute queued so far (step cadence, see the module doc)."""
+        self._barrier = self.tier.record_on_compute()
+
+    def hide_in_flight(self, visible: np.ndarray) -> None:
+        """Clear in ``visible`` [L, E] the experts whose copy has not completed yet (never blocks)."""
+        if not self._in_flight:
+            return
+        done = [eid for eid, ev in self._in_flight.items() if ev.query()]
+        for eid in done:
+            del self._in_flight[eid]
+        for eid in self._in_flight:
+            visible[eid] = False
 
     def stream(self, eid: ExpertId) -> int:
         """Copy ``eid`` into the next scratch slot for one compute (not admitted)."""
@@ -82,6 +113,8 @@ class SlotPool:
             prev = self.last_read[s]
             if prev is not None:
                 tier.wait_on_copy_stream(prev)
+            if self._barrier is not None:
+                tier.wait_on_copy_stream(self._barrier)
             self.weights.write_packed(s, packed, non_blocking=tier.is_cuda)
             self.copy_done[s] = tier.record_on_copy()
         self.copies += 1

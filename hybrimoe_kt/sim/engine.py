@@ -2,17 +2,23 @@
 
 Resources: the CPU (routed experts), the GPU (attention, shared experts, routed experts) and one
 serialized PCIe copy queue shared by demand loads and background copies (CPU-served misses being
-admitted, prefetches). Per layer of every forward:
+admitted, prefetches). Per forward, in the same named steps as the runtime's ``HybridMoE``:
+
+0. ``upkeep`` (step-cadence strategies, before every forward's first layer): the controller feeds the
+   previous decode step to the policies and books the swaps for the coming decode step; the host pays
+   the measured upkeep time in full before the first layer.
+
+Per layer:
 
 1. the GPU runs the non-MoE part of the layer (attention, norms);
-2. the host pays the strategy's critical host time of a layer call (routing to the host, deciding,
-   dispatching, summing the tiers: ``core.host``), during which no expert kernel runs;
-3. the shared ``core.controller.Controller`` decides the layer's Plan (the same code the runtime runs):
-   hits, the CPU/GPU split, demand loads and evictions, background copies;
-4. the GPU runs shared experts first, then resident experts, then loads as they land; the CPU runs its
-   experts meanwhile, slowed while the copy queue shares host-memory bandwidth with it; the host decides
-   the background copies meanwhile (its background host time);
-5. the layer ends when both tiers and the host's background work are done.
+2. ``route`` + ``decide``: the host pays the strategy's critical host time of a layer call (routing to
+   the host, deciding, dispatching, summing the tiers: ``core.host``), during which no expert kernel
+   runs; the shared ``core.controller.Controller`` decides the layer's Plan (the same code the runtime
+   runs): hits, the CPU/GPU split, demand loads and evictions;
+3. ``dispatch``: the GPU runs shared experts first, then resident experts, then loads as they land; the
+   CPU runs its experts meanwhile, slowed while the copy queue shares host-memory bandwidth with it;
+4. ``background``: the host decides the background copies meanwhile (its background host time);
+5. ``combine``: the layer ends when both tiers and the host's background work are done.
 
 Timing follows the cost model exactly (the same rules as ``core.schedulers.makespan``), so a run is a
 pure function of its inputs.
@@ -30,6 +36,7 @@ from hybrimoe_kt.core.host import ZERO_HOST, HostTime
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import Policies
 from hybrimoe_kt.core.types import LayerRouting
+from hybrimoe_kt.core.upkeep import StepRouting
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ class RunStats:
     host_critical_s: float = 0.0     # critical host time charged (all layer calls)
     host_background_s: float = 0.0   # background host time decided (all layer calls)
     host_delay_s: float = 0.0        # part of the background host time that delayed its layer
+    host_upkeep_s: float = 0.0       # step-cadence upkeep charged before decode steps
     moe_layer_calls: int = 0
     token_latencies_s: list[float] = field(default_factory=list)
     # every replayed step: (request id, is_prefill, rows, seconds)
@@ -84,85 +92,116 @@ class RunStats:
                 setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache: ExpertCache,
-           clock: Clock, top_k: int, host: Optional[Mapping[str, HostTime]] = None) -> RunStats:
-    """Run ``steps`` in order from the cache's current state; returns the totals. ``host``: the
-    strategy's host time per layer call by phase (``decode`` / ``prefill``); None charges none."""
-    ctl = Controller(policies, cache, cost, clock, top_k)
-    host_of = {p: (host or {}).get(p, ZERO_HOST) for p in ("decode", "prefill")}
-    free = policies.spec.free_transfers
-    xfer = 0.0 if free else cost.transfer()
-    nbytes = cost.expert_bytes_gpu
-    n_layers = cache.n_layers
-    st = RunStats()
-    now = 0.0
-    for i, step in enumerate(steps):
-        t0 = now
-        n = step.n_rows
-        ht = host_of["prefill" if step.is_prefill else "decode"]
-        gpu_busy = cost.forward_extra(n)
-        now += gpu_busy
+class _Replay:
+    """One replay's state; the methods are the named steps of the module docstring."""
+
+    def __init__(self, cost: RooflineCost, policies: Policies, cache: ExpertCache, clock: Clock, top_k: int,
+                 host: Optional[Mapping[str, HostTime]]) -> None:
+        self.ctl = Controller(policies, cache, cost, clock, top_k)
+        self.cost, self.clock, self.cache = cost, clock, cache
+        self.host_of = {p: (host or {}).get(p, ZERO_HOST) for p in ("decode", "prefill")}
+        self.free = policies.spec.free_transfers
+        self.xfer = 0.0 if self.free else cost.transfer()
+        self.nbytes = cost.expert_bytes_gpu
+        self.step_cadence = policies.spec.cadence == "step"
+        self.last: Optional[StepRouting] = None  # the previous forward's routing, when it was decode
+        self.st = RunStats()
+        self.now = 0.0
+
+    def copies(self, n: int, decode: bool) -> None:
+        if n and not self.free:
+            st = self.st
+            st.copy_busy_s += n * self.xfer
+            st.bytes_copied += n * self.nbytes
+            if decode:
+                st.decode_bytes_copied += n * self.nbytes
+
+    def upkeep(self, step: Step, ht: HostTime) -> None:
+        if not self.step_cadence:
+            return
+        up = self.ctl.upkeep(self.last, self.now, plan=not step.is_prefill)
+        self.st.background_copies += len(up.copies)
+        self.copies(len(up.copies), not step.is_prefill)
+        if not step.is_prefill:
+            self.now += ht.upkeep * len(step.routings)  # on the host thread, before the first layer
+            self.st.host_upkeep_s += ht.upkeep * len(step.routings)
+        self.last = None if step.is_prefill else StepRouting.from_layers(step.routings, self.cache.n_layers)
+
+    def layer(self, r: LayerRouting, step: Step, ht: HostTime) -> float:
+        """One MoE layer call; returns the GPU's busy time in it."""
+        cost, st, ctl, n = self.cost, self.st, self.ctl, step.n_rows
+        t_attn = cost.non_moe(n)
+        self.now += t_attn + ht.critical  # the kernels wait for the host's critical part
+        now = self.now
+        shared = cost.shared(n)
+        d = ctl.decide(r, now, shared, step.is_prefill)
+        plan = d.plan
+        bg = ctl.background()
+        st.hits += d.hits
+        st.late_hits += d.late_hits
+        st.misses += d.misses
+        if not step.is_prefill:
+            st.decode_hits += d.hits
+            st.decode_late_hits += d.late_hits
+            st.decode_misses += d.misses
+        st.demand_loads += len(plan.loads)
+        st.streamed_loads += len(d.streamed)
+        st.background_copies += len(bg.copies)
+        self.copies(len(plan.loads) + len(bg.copies), not step.is_prefill)
+        tokens = dict(zip(r.experts, r.tokens))
+        cpu_t = self.cpu_tier(plan.cpu, tokens, d.demand_copy_end - now)
+        gpu_end, gpu_t = self.gpu_tier(plan.gpu, tokens, d, shared)
+        kernels_end = max(now + cpu_t, gpu_end)
+        self.now = max(kernels_end, now + ht.background)  # background host work beyond the kernels delays
+        st.host_delay_s += self.now - kernels_end
+        st.host_critical_s += ht.critical
+        st.host_background_s += ht.background
+        st.moe_layer_calls += 1
+        ctl.finish(self.now - now + t_attn + ht.critical)
+        st.cpu_busy_s += cpu_t
+        st.gpu_experts += len(plan.gpu)
+        st.cpu_experts += len(plan.cpu)
+        return t_attn + gpu_t
+
+    def cpu_tier(self, experts: Sequence[int], tokens: Mapping[int, int], copy_busy: float) -> float:
+        """The CPU tier's time, slowed while the copy queue reads host memory."""
+        if not experts:
+            return 0.0
+        cost = self.cost
+        est = cost.cpu_call + sum(cost.cpu_expert(tokens[e]) for e in experts)
+        frac = min(1.0, max(0.0, copy_busy) / est) if est > 0 and not self.free else 0.0
+        return cost.cpu_call + sum(cost.cpu_expert_contended(tokens[e], frac) for e in experts)
+
+    def gpu_tier(self, experts: Sequence[int], tokens: Mapping[int, int], d, shared: float) -> tuple[float, float]:
+        """Shared experts, then routed experts as their weights become available: ``(end, busy)``."""
+        cost, now = self.cost, self.now
+        g, busy = now + shared, shared
+        if experts:
+            g += cost.gpu_call
+            busy += cost.gpu_call
+            for e in experts:
+                avail = d.landing[e] if e in d.landing else now + d.ready.get(e, 0.0)
+                if avail > g:
+                    self.st.stall_s += avail - g
+                    g = avail
+                dt_e = cost.gpu_expert(tokens[e])
+                g += dt_e
+                busy += dt_e
+        return g, busy
+
+    def step(self, i: int, step: Step) -> None:
+        st, n_layers = self.st, self.cache.n_layers
+        t0 = self.now
+        ht = self.host_of["prefill" if step.is_prefill else "decode"]
+        gpu_busy = self.cost.forward_extra(step.n_rows)
+        self.now += gpu_busy
+        self.upkeep(step, ht)  # where the runtime's begin_forward runs it: before the first layer
         for r in step.routings:
-            clock.now = i * n_layers + r.layer
-            t_attn = cost.non_moe(n)
-            gpu_busy += t_attn
-            now += t_attn + ht.critical  # the kernels wait for the host's critical part
-            shared = cost.shared(n)
-            d = ctl.decide(r, now, shared, step.is_prefill)
-            plan = d.plan
-            bg = ctl.background()
-            st.hits += d.hits
-            st.late_hits += d.late_hits
-            st.misses += d.misses
-            if not step.is_prefill:
-                st.decode_hits += d.hits
-                st.decode_late_hits += d.late_hits
-                st.decode_misses += d.misses
-            n_copies = len(plan.loads) + len(bg.copies)
-            st.demand_loads += len(plan.loads)
-            st.streamed_loads += len(d.streamed)
-            st.background_copies += len(bg.copies)
-            if not free:
-                st.copy_busy_s += n_copies * xfer
-                st.bytes_copied += n_copies * nbytes
-                if not step.is_prefill:
-                    st.decode_bytes_copied += n_copies * nbytes
-            tokens = dict(zip(r.experts, r.tokens))
-            # CPU tier, slowed while the copy queue reads host memory
-            cpu_t = 0.0
-            if plan.cpu:
-                est = cost.cpu_call + sum(cost.cpu_expert(tokens[e]) for e in plan.cpu)
-                busy = max(0.0, d.demand_copy_end - now)
-                frac = min(1.0, busy / est) if est > 0 and not free else 0.0
-                cpu_t = cost.cpu_call + sum(cost.cpu_expert_contended(tokens[e], frac) for e in plan.cpu)
-            # GPU tier: shared experts, then routed experts as their weights become available
-            g = now + shared
-            gpu_t = shared
-            if plan.gpu:
-                g += cost.gpu_call
-                gpu_t += cost.gpu_call
-                for e in plan.gpu:
-                    avail = d.landing[e] if e in d.landing else now + d.ready.get(e, 0.0)
-                    if avail > g:
-                        st.stall_s += avail - g
-                        g = avail
-                    dt_e = cost.gpu_expert(tokens[e])
-                    g += dt_e
-                    gpu_t += dt_e
-            layer_start = now
-            kernels_end = max(now + cpu_t, g)
-            now = max(kernels_end, now + ht.background)  # background host work beyond the kernels delays
-            st.host_delay_s += now - kernels_end
-            st.host_critical_s += ht.critical
-            st.host_background_s += ht.background
-            st.moe_layer_calls += 1
-            ctl.finish(now - layer_start + t_attn + ht.critical)
-            st.cpu_busy_s += cpu_t
-            gpu_busy += gpu_t
-            st.gpu_experts += len(plan.gpu)
-            st.cpu_experts += len(plan.cpu)
-        dt = now - t0
+            self.clock.now = i * n_layers + r.layer
+            gpu_busy += self.layer(r, step, ht)
+        dt = self.now - t0
         st.gpu_busy_s += gpu_busy
+        n = step.n_rows
         if step.is_prefill:
             st.prefill_s += dt
             st.prefill_tokens += n
@@ -172,4 +211,13 @@ def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache:
             st.decode_steps += 1
             st.token_latencies_s.append(dt)
         st.steps.append((step.request, step.is_prefill, n, dt))
-    return st
+
+
+def replay(steps: Sequence[Step], cost: RooflineCost, policies: Policies, cache: ExpertCache,
+           clock: Clock, top_k: int, host: Optional[Mapping[str, HostTime]] = None) -> RunStats:
+    """Run ``steps`` in order from the cache's current state; returns the totals. ``host``: the
+    strategy's host time per layer call by phase (``decode`` / ``prefill``); None charges none."""
+    run = _Replay(cost, policies, cache, clock, top_k, host)
+    for i, step in enumerate(steps):
+        run.step(i, step)
+    return run.st

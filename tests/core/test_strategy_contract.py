@@ -54,6 +54,14 @@ class CheckedCache(ExpertCache):
         self.n_layer_starts += 1
         return super().account(layer, experts, now)
 
+    def split_landed(self, layer: int, experts, t: float):  # type: ignore[override]
+        """The step cadence's decode split: a layer start like ``account``."""
+        self.check_capacity()
+        self.layer = layer
+        self.layer_in_use = frozenset((layer, e) for e in experts)
+        self.n_layer_starts += 1
+        return super().split_landed(layer, experts, t)
+
     def admit(self, eid: ExpertId, ready_at: float, in_use: Collection[ExpertId], now: float,
               victim: Optional[ExpertId] = None) -> Optional[ExpertId]:
         self.demand = bool(in_use)

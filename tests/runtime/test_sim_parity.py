@@ -47,26 +47,48 @@ class ManualTimer:
         return self.t
 
 
-def _record(ctl: Controller, log: list[dict[str, Any]]) -> None:
-    """Wrap ``ctl``'s decide/background/finish so every layer call's inputs and outputs land in ``log``."""
-    decide, background, finish = ctl.decide, ctl.background, ctl.finish
+def _record(ctl: Controller, log: list[dict[str, Any]], upkeeps: list[dict[str, Any]],
+            moe: HybridMoE | None = None) -> None:
+    """Wrap ``ctl`` (and the runtime's per-call accounting) so that every layer call's decision inputs
+    and outputs land in ``log`` (one entry per call, appended at ``finish``) and every upkeep in
+    ``upkeeps``. Layers that look residency up (``StrategySpec.decode_lookup``) call no ``decide`` in the
+    runtime: their entry holds the tiers' expert counts only."""
+    decide, background, finish, upkeep = ctl.decide, ctl.background, ctl.finish, ctl.upkeep
+    cur: dict[str, Any] = {}
 
     def rec_decide(routing: Any, now: float, gpu_free: float = 0.0, is_prefill: bool = False) -> Any:
         d = decide(routing, now, gpu_free, is_prefill)
-        log.append({"now": now, "gpu_free": gpu_free, "prefill": is_prefill, "plan": d.plan,
-                    "streamed": d.streamed})
+        cur.update({"now": now, "gpu_free": gpu_free, "prefill": is_prefill, "plan": d.plan,
+                    "streamed": d.streamed, "n_gpu": len(d.plan.gpu), "n_cpu": len(d.plan.cpu)})
         return d
 
     def rec_background() -> Any:
         bg = background()
-        log[-1]["background"] = bg
+        cur["background"] = bg
         return bg
 
     def rec_finish(layer_time: float) -> None:
-        log[-1]["layer_time"] = layer_time
+        cur["layer_time"] = layer_time
+        log.append(dict(cur))
+        cur.clear()
         finish(layer_time)
 
-    ctl.decide, ctl.background, ctl.finish = rec_decide, rec_background, rec_finish  # type: ignore
+    def rec_upkeep(last: Any, now: float, plan: bool = True) -> Any:
+        up = upkeep(last, now, plan)
+        upkeeps.append({"now": now, "plan": plan, "last": None if last is None else last.ran.copy(),
+                        "up": up, "visible": ctl.visible().copy()})
+        return up
+
+    ctl.decide, ctl.background, ctl.finish, ctl.upkeep = rec_decide, rec_background, rec_finish, rec_upkeep  # type: ignore
+    if moe is not None:
+        account = moe._account
+
+        def rec_account(t_start: float, t_plan: float, t_dispatch: float, t_background: float, n_gpu: int,
+                        n_cpu: int, n_streamed: int) -> None:
+            cur.update({"n_gpu": n_gpu, "n_cpu": n_cpu})
+            account(t_start, t_plan, t_dispatch, t_background, n_gpu, n_cpu, n_streamed)
+
+        moe._account = rec_account  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +106,8 @@ def setup() -> dict[str, Any]:
             "store": random_store(SHAPE, seed=0)}
 
 
-def simulate(s: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+def simulate(s: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch,
+             upkeeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     spec = get_strategy(name)
     slots = slots_for(spec, SHAPE.n_layers, SHAPE.n_experts, RATIO)
     clock = Clock()
@@ -97,14 +120,15 @@ def simulate(s: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch) -> l
     class Recording(Controller):
         def __init__(self, *a: Any, **k: Any) -> None:
             super().__init__(*a, **k)
-            _record(self, log)
+            _record(self, log, upkeeps)
 
     monkeypatch.setattr(engine, "Controller", Recording)
     engine.replay(s["ssteps"], s["cost"], pol, cache, clock, SHAPE.top_k, host=HOST)
     return log
 
 
-def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]],
+                upkeeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     spec = get_strategy(name)
     cost: RooflineCost = s["cost"]
     timer = ManualTimer()
@@ -112,7 +136,7 @@ def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]]) -> list
                     cost, SHAPE.top_k, counts=s["counts"], cpu_backend="torch", cpu_threads=1, max_len=8,
                     timer=timer)
     log: list[dict[str, Any]] = []
-    _record(moe.controller, log)
+    _record(moe.controller, log, upkeeps, moe)
     gen = torch.Generator().manual_seed(0)
     w_shared = torch.randn(SHAPE.hidden, SHAPE.hidden, generator=gen) * SHAPE.hidden ** -0.5
     calls = iter(sim)
@@ -130,7 +154,7 @@ def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]]) -> list
 
             if layer == 0:
                 timer.t = attn_start
-                moe.begin_forward()
+                moe.begin_forward(is_prefill=step.is_prefill)
             timer.t = c["now"]
             ids, w = s["rp"].routing(step, layer)
             with torch.no_grad():
@@ -140,27 +164,47 @@ def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]]) -> list
     return log
 
 
-@pytest.mark.parametrize("name", ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe"])
+@pytest.mark.parametrize("name", ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe",
+                                  "hybrimoe-step"])
 def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    sim = simulate(setup, name, monkeypatch)
-    rt = run_runtime(setup, name, sim)
+    sim_up: list[dict[str, Any]] = []
+    rt_up: list[dict[str, Any]] = []
+    sim = simulate(setup, name, monkeypatch, sim_up)
+    rt = run_runtime(setup, name, sim, rt_up)
     assert len(rt) == len(sim) == len(setup["steps"]) * SHAPE.n_layers
     n_cost = setup["cost"]
+    lookup = get_strategy(name).decode_lookup
     for i, (a, b) in enumerate(zip(rt, sim)):
         where = f"{name}, layer call {i} (layer {b['plan'].layer})"
+        assert (a["n_gpu"], a["n_cpu"]) == (b["n_gpu"], b["n_cpu"]), where
+        assert a["layer_time"] == pytest.approx(b["layer_time"], rel=1e-9, abs=1e-15), where
+        assert b["layer_time"] > n_cost.non_moe(1), where     # the whole layer, attention included
+        if lookup and not b["prefill"]:
+            assert "plan" not in a, where                      # decode looked residency up: no decide
+            assert not b["plan"].loads and not b["plan"].evictions, where
+            continue
         assert a["now"] == b["now"], where
         assert a["gpu_free"] == b["gpu_free"] and a["gpu_free"] > 0, where  # predicted shared time
         assert a["prefill"] == b["prefill"], where
         assert a["plan"] == b["plan"], where                  # gpu, cpu, loads, evictions, prediction
         assert a["streamed"] == b["streamed"], where
         assert a["background"] == b["background"], where      # copies, their evictions and landings
-        assert a["layer_time"] == pytest.approx(b["layer_time"], rel=1e-9, abs=1e-15), where
-        assert b["layer_time"] > n_cost.non_moe(1), where     # the whole layer, attention included
+    # the step upkeeps: same inputs (time, recorded routing), same plans, same published residency
+    assert len(rt_up) == len(sim_up) == (len(setup["steps"]) if get_strategy(name).cadence == "step" else 0)
+    for j, (a, b) in enumerate(zip(rt_up, sim_up)):
+        assert a["now"] == pytest.approx(b["now"], rel=1e-12) and a["plan"] == b["plan"], j
+        assert (a["last"] is None) == (b["last"] is None), j
+        if a["last"] is not None:
+            assert np.array_equal(a["last"], b["last"]), j
+        assert a["up"] == b["up"], j
+        assert np.array_equal(a["visible"], b["visible"]), j
     if name != "stock":
-        assert sum(len(c["plan"].gpu) for c in sim) > 0, f"{name} never used the GPU tier"
+        assert sum(c["n_gpu"] for c in sim) > 0, f"{name} never used the GPU tier"
     if name in ("lru-offload", "hybrimoe-paper", "hybrimoe"):
         assert sum(len(c["plan"].loads) + len(c["background"].copies) for c in sim) > 0
+    if name == "hybrimoe-step":
+        assert sum(len(u["up"].copies) for u in sim_up) > 0, "the upkeep never swapped an expert in"
 
 
 def test_first_layer_without_begin_forward_reports_its_moe_part_only(setup: dict[str, Any]) -> None:
@@ -168,8 +212,8 @@ def test_first_layer_without_begin_forward_reports_its_moe_part_only(setup: dict
     moe = HybridMoE(setup["store"], Tier("cpu"), "stock", 0, setup["cost"], SHAPE.top_k,
                     cpu_backend="torch", cpu_threads=1, max_len=8, timer=timer)
     log: list[dict[str, Any]] = []
-    _record(moe.controller, log)
-    step = setup["steps"][-1]
+    _record(moe.controller, log, [], moe)
+    step = next(s for s in setup["steps"] if s.is_prefill)  # goes through decide (stock decode looks up)
     x = torch.zeros(step.n_tokens, SHAPE.hidden, dtype=torch.bfloat16)
     for fwd in range(2):
         for layer in range(SHAPE.n_layers):

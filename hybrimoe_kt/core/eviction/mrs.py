@@ -98,6 +98,37 @@ class MRS:
         row *= keep ** n
         np.add.at(row, top_ids[valid], weights[valid])
 
+    def on_step(self, step) -> None:
+        """A whole forward at every layer at once (``core.upkeep.StepRouting``): per layer, the same
+        update as ``on_route`` on its rows, vectorized over [layers, experts]."""
+        ids = np.asarray(step.ids)  # [L, N, P]
+        n_l, n, p_cols = ids.shape
+        if n_l != self.n_layers:
+            raise ValueError(f"step routing has {n_l} layers, the policy {self.n_layers}")
+        if n == 0:
+            return
+        scores = np.asarray(step.scores, dtype=np.float64)
+        if p_cols > self.p:  # keep each row's top-p
+            top_ids, top_scores = select_top_p(ids.reshape(n_l * n, p_cols), scores.reshape(n_l * n, p_cols),
+                                               self.p)
+            ids, scores = top_ids.reshape(n_l, n, -1), top_scores.reshape(n_l, n, -1)
+        valid = ids >= 0
+        if valid.any() and int(ids.max()) >= self.n_experts:
+            raise ValueError(f"step routing names expert {int(ids.max())}, but the model has "
+                             f"{self.n_experts} experts")
+        if not np.all(np.isfinite(scores[valid])):
+            raise ValueError("step routing has non-finite scores for selected experts")
+        keep = 1.0 - self.alpha
+        decay = keep ** np.arange(n - 1, -1, -1, dtype=np.float64)  # [N]
+        w = self.alpha * scores * decay[None, :, None]  # [L, N, P]
+        layer = np.broadcast_to(np.arange(n_l)[:, None, None], ids.shape)
+        self.scores *= keep ** n
+        np.add.at(self.scores, (layer[valid], ids[valid]), w[valid])
+
+    def score_array(self) -> np.ndarray:
+        """[L, E] scores (a live view)."""
+        return self.scores
+
     def on_admit(self, eid: ExpertId) -> None:
         """Admission does not change a score."""
 
