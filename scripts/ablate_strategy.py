@@ -12,10 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-from hybrimoe_kt.commands.simulate import default_trace, infer_model
 from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.strategies import STRATEGIES, with_overrides
-from hybrimoe_kt.provenance import provenance
+from hybrimoe_kt.measure.provenance import provenance
+from hybrimoe_kt.sim.defaults import default_trace, infer_model
 from hybrimoe_kt.sim.runner import SimSetup, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec
 

@@ -36,13 +36,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hybrimoe_kt.calibrate import busy_cpus, read_bandwidth_gbs
 from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.strategies import get_strategy, slots_for
 from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
 from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
-from hybrimoe_kt.provenance import provenance
+from hybrimoe_kt.measure.calibrate import busy_cpus, read_bandwidth_gbs
+from hybrimoe_kt.measure.provenance import provenance
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.harness import (StackShape, random_store, run_replay, summary_us,
                                          trivial_kernels)

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybrimoe_kt.commands.simulate import DEFAULT_STRATEGIES
 from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.models import get_model
-from hybrimoe_kt.provenance import provenance
+from hybrimoe_kt.measure.provenance import provenance
+from hybrimoe_kt.sim.defaults import DEFAULT_STRATEGIES
 from hybrimoe_kt.sim.folds import make_folds
 from hybrimoe_kt.sim.runner import SimSetup, default_workers, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec

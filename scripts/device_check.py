@@ -19,7 +19,6 @@ shapes; the JSON says so. Writes ``device_check.json`` under ``--out`` (default 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -31,24 +30,15 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bootstrap() -> str:
-    """Import the package from an install or straight from the tree (``kernels/`` -> hybrimoe_kt.kernels)."""
+def _import_package() -> str:
+    """The installed package (``pip install -e .``); one line on stderr and exit 1 when it is missing."""
     try:
         import hybrimoe_kt.kernels  # noqa: F401
-        return "installed package"
-    except ImportError:
-        pass
-    sys.path.insert(0, str(REPO))
-    for name in [m for m in sys.modules if m == "hybrimoe_kt" or m.startswith("hybrimoe_kt.")]:
-        del sys.modules[name]
-    import hybrimoe_kt  # noqa: F401
-    spec = importlib.util.spec_from_file_location("hybrimoe_kt.kernels", REPO / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(REPO / "kernels")])
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["hybrimoe_kt.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return "source tree (kernels/ aliased as hybrimoe_kt.kernels)"
+    except ModuleNotFoundError as e:
+        if e.name not in ("hybrimoe_kt", "hybrimoe_kt.kernels"):
+            raise
+        sys.exit(f"device_check: cannot import {e.name}: run `pip install -e .` in {REPO} first")
+    return "installed package"
 
 
 class Budget:
@@ -271,13 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--decode-steps", type=int, default=None)
     args = ap.parse_args(argv)
-    report: dict[str, Any] = {"import": _bootstrap()}
+    report: dict[str, Any] = {"import": _import_package()}
     budget = Budget(args.budget_s)
 
     import torch
 
     from hybrimoe_kt.kernels.cpu_backend import kt_kernel_available
-    from hybrimoe_kt.provenance import provenance
+    from hybrimoe_kt.measure.provenance import provenance
 
     cuda = torch.cuda.is_available() and not args.dry_run
     device = "cuda" if cuda else "cpu"

@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-results}"
 mkdir -p "$OUT"
 if ! python -c "import hybrimoe_kt.kernels" >/dev/null 2>&1; then
-    # editable install without build isolation (no network); device_check.py imports from the tree if
-    # this fails
+    # editable install without build isolation (no network); device_check.py imports the installed
+    # package only, so it stops with one line if this fails
     pip install --no-deps --no-build-isolation -e . >"$OUT/device_check_pip.log" 2>&1 \
-        || echo "pip install failed (see $OUT/device_check_pip.log); importing from the source tree"
+        || echo "pip install failed (see $OUT/device_check_pip.log)"
 fi
 exec timeout 470 python scripts/device_check.py --out "$OUT" "$@"

@@ -22,9 +22,9 @@ import torch
 
 import numpy as np
 
-from hybrimoe_kt.calibrate_host import estimate_for, measure_host
 from hybrimoe_kt.core.host import HostCosts, HostTime
-from hybrimoe_kt.provenance import provenance
+from hybrimoe_kt.measure.host import estimate_for, measure_host
+from hybrimoe_kt.measure.provenance import provenance
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "hybrimoe_kt" / "core" / "profiles"

@@ -17,7 +17,7 @@ from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.models import get_model
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import build_policies, get_strategy, slots_for
-from hybrimoe_kt.fidelity import moe_only_cost, sim_steps, simulate_layers
+from hybrimoe_kt.measure.fidelity import moe_only_cost, sim_steps, simulate_layers
 from hybrimoe_kt.sim.engine import replay
 from hybrimoe_kt.traces.synthetic import synthetic_trace
 

@@ -12,7 +12,7 @@ import torch
 from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.host import HostTime
 from hybrimoe_kt.core.strategies import get_strategy
-from hybrimoe_kt.fidelity import fit_two_point, sim_steps, simulate_layers, stack_cost
+from hybrimoe_kt.measure.fidelity import fit_two_point, sim_steps, simulate_layers, stack_cost
 from hybrimoe_kt.runtime.dense_parts import DenseParts
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.harness import StackShape, random_store, run_replay

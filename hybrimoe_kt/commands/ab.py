@@ -90,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = check_args(args)
     from transformers.utils import logging as hf_logging
 
-    from hybrimoe_kt.commands.simulate import default_trace
     from hybrimoe_kt.kt.ab_compare import agreement, projection, ratios, run_side
-    from hybrimoe_kt.provenance import provenance
+    from hybrimoe_kt.measure.provenance import provenance
+    from hybrimoe_kt.sim.defaults import default_trace
 
     hf_logging.disable_progress_bar()
     overrides = {"cpu_threads": args.cpu_infer} if args.cpu_infer is not None else None

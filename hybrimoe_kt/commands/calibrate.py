@@ -54,7 +54,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybrimoe_kt.calibrate import CalibrateConfig, run_calibration
+    from hybrimoe_kt.measure.calibrate import CalibrateConfig, run_calibration
 
     cfg = CalibrateConfig(backend=args.backend, threads=args.threads, hidden=args.hidden,
                           intermediate=args.intermediate, experts=args.experts, top_k=args.top_k,
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if torch.cuda.is_available():
-        from hybrimoe_kt.calibrate_gpu import measure_gpu
+        from hybrimoe_kt.measure.calibrate_gpu import measure_gpu
 
         def gpu_measure():  # type: ignore[no-untyped-def]
             return measure_gpu(cfg.hidden, cfg.intermediate, cfg.tokens)

@@ -93,8 +93,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hybrimoe_kt.core.hardware import load_profile
-    from hybrimoe_kt.fidelity_run import FidelityConfig, run_fidelity
-    from hybrimoe_kt.provenance import provenance
+    from hybrimoe_kt.measure.fidelity_run import FidelityConfig, run_fidelity
+    from hybrimoe_kt.measure.provenance import provenance
 
     profile = load_profile(args.profile)  # a bad path fails here, before any work
     cfg = FidelityConfig(trace=args.trace, model=args.model, layers=args.layers, hidden=args.hidden,

@@ -10,43 +10,9 @@ from typing import Optional
 
 from hybrimoe_kt.core.hardware import HardwareProfile
 from hybrimoe_kt.core.models import MODEL_PRESETS, ModelPreset, get_model
+from hybrimoe_kt.sim.defaults import DEFAULT_STRATEGIES, default_trace, infer_model
 
 log = logging.getLogger(__name__)
-
-DEFAULT_STRATEGIES = "stock,static-frequency,lru-offload,hybrimoe-paper,hybrimoe,oracle,roofline"
-REAL_MIXTRAL = "mixtral-8x7b-instruct__speculative-moe"
-
-
-def shared_traces_dir() -> Optional[Path]:
-    """``../shared/traces`` beside the repository (or the working directory), when present."""
-    from hybrimoe_kt.provenance import REPO_ROOT
-
-    for base in (REPO_ROOT, Path.cwd()):
-        d = base.parent / "shared" / "traces"
-        if d.is_dir():
-            return d
-    return None
-
-
-def default_trace() -> str:
-    d = shared_traces_dir()
-    if d is not None and (d / f"{REAL_MIXTRAL}.npz").is_file():
-        return str(d / REAL_MIXTRAL)
-    return "synthetic:mixtral-8x7b"
-
-
-def infer_model(trace_model: str, n_layers: int, n_experts: int, top_k: int) -> ModelPreset:
-    """The preset a trace belongs to: by name first, else by shape (experts, top-k, depth)."""
-    if trace_model in MODEL_PRESETS:
-        return MODEL_PRESETS[trace_model]
-    fits = [m for m in MODEL_PRESETS.values()
-            if m.n_experts == n_experts and m.top_k == top_k and m.n_moe_layers >= n_layers]
-    exact = [m for m in fits if m.n_moe_layers == n_layers]
-    pick = exact or fits
-    if len(pick) != 1:
-        raise ValueError(f"cannot tell which model preset the trace ({n_experts} experts, top-{top_k}, "
-                         f"{n_layers} layers) belongs to; pass --model (one of {', '.join(MODEL_PRESETS)})")
-    return pick[0]
 
 
 def mode_label(setup: object) -> str:
@@ -152,7 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hybrimoe_kt.core.hardware import load_profile
     from hybrimoe_kt.core.strategies import get_strategy
-    from hybrimoe_kt.provenance import provenance
+    from hybrimoe_kt.measure.provenance import provenance
     from hybrimoe_kt.sim.report import format_table, plot, table_legend
     from hybrimoe_kt.sim.runner import SimSetup, simulate
     from hybrimoe_kt.traces.spec import parse_trace_spec
@@ -208,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 def run_workload(args: argparse.Namespace, names: list[str], ratios: list[float],
                  profile: HardwareProfile) -> int:
     """``--workload``: simulate every trace of the preset; records carry the workload, batch and lengths."""
-    from hybrimoe_kt.provenance import provenance
+    from hybrimoe_kt.measure.provenance import provenance
     from hybrimoe_kt.sim.report import format_table, plot, table_legend
     from hybrimoe_kt.sim.runner import SimSetup, simulate
     from hybrimoe_kt.traces.workloads import get_workload, workload_traces

@@ -113,10 +113,10 @@ def ratios(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str] = RAT
 def projection(strategy_a: str, ratio_a: float, strategy_b: str, ratio_b: float, hardware: str,
                trace_spec: str, seed: int = 0) -> dict[str, Any]:
     """SIMULATED decode/prefill speed and hit rate of both sides' strategies on ``hardware``."""
-    from hybrimoe_kt.commands.simulate import infer_model
     from hybrimoe_kt.core.hardware import load_profile
     from hybrimoe_kt.core.memory import memory_budget
     from hybrimoe_kt.core.strategies import get_strategy
+    from hybrimoe_kt.sim.defaults import infer_model
     from hybrimoe_kt.sim.runner import SimSetup, simulate
     from hybrimoe_kt.traces.spec import parse_trace_spec
 

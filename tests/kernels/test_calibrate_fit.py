@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybrimoe_kt.calibrate_fit import ExpertSample, fit_tier
+from hybrimoe_kt.measure.calibrate_fit import ExpertSample, fit_tier
 
 B = 3 * 1024 * 2048 * 2   # bf16 expert bytes
 F = 2.0 * 3 * 1024 * 2048  # flops per token

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from hybrimoe_kt.calibrate import CalibrateConfig
 from hybrimoe_kt.cli import main
 from hybrimoe_kt.core.hardware import load_profile
+from hybrimoe_kt.measure.calibrate import CalibrateConfig
 
 
 # The kt-kernel run needs calls measurably slower than masked calls; its hand-off to a worker thread
@@ -60,7 +60,7 @@ def test_gpu_measurement_without_cuda_is_value_error() -> None:
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    from hybrimoe_kt.calibrate_gpu import measure_gpu
+    from hybrimoe_kt.measure.calibrate_gpu import measure_gpu
 
     with pytest.raises(ValueError, match="no CUDA device"):
         measure_gpu(64, 128, (1, 2))

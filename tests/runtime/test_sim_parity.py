@@ -24,7 +24,7 @@ from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.host import HostTime
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import build_policies, get_strategy, slots_for
-from hybrimoe_kt.fidelity import sim_steps
+from hybrimoe_kt.measure.fidelity import sim_steps
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.harness import StackShape, random_store
 from hybrimoe_kt.runtime.moe import HybridMoE

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> tuple[str, Optional[bool]]:

@@ -27,8 +27,8 @@ from hybrimoe_kt.core.hardware import HardwareProfile
 from hybrimoe_kt.core.models import get_model
 from hybrimoe_kt.core.strategies import slots_for
 from hybrimoe_kt.core.host import PHASES
-from hybrimoe_kt.fidelity import (CPU_ONLY, LayerCalls, compare, fit_two_point, goal_summary, moe_only_cost,
-                                  sim_steps, simulate_layers, stack_cost, strategy_spec)
+from hybrimoe_kt.measure.fidelity import (CPU_ONLY, LayerCalls, compare, fit_two_point, goal_summary,
+                                          moe_only_cost, sim_steps, simulate_layers, stack_cost, strategy_spec)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def run_fidelity(cfg: FidelityConfig, profile: HardwareProfile) -> dict[str, Any
     """Measure and predict every layer call of the replayed steps per strategy; returns the report body."""
     import torch
 
-    from hybrimoe_kt.calibrate import busy_cpus
+    from hybrimoe_kt.measure.calibrate import busy_cpus
     from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
     from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
     from hybrimoe_kt.runtime.dense_parts import DenseParts

@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hybrimoe_kt.calibrate_fit import ExpertSample, TierFit, fit_tier
 from hybrimoe_kt.core.hardware import HardwareProfile, Tier, load_profile
-from hybrimoe_kt.provenance import cpu_model, git_commit
+from hybrimoe_kt.measure.calibrate_fit import ExpertSample, TierFit, fit_tier
+from hybrimoe_kt.measure.provenance import cpu_model, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def run_calibration(cfg: CalibrateConfig, progress: bool = True,
             f"layer_overhead_us copied from preset {cfg.gpu_from}.")
     host = None
     if host_strategies:
-        from hybrimoe_kt.calibrate_host import measure_host
+        from hybrimoe_kt.measure.host import measure_host
 
         host = measure_host(host_strategies, backend=cfg.backend, seed=cfg.seed, progress=progress)
         desc += " Host time per layer call measured from the runtime with no-op kernels."

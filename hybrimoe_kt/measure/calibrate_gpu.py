@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from hybrimoe_kt.calibrate_fit import ExpertSample, fit_tier
 from hybrimoe_kt.core.hardware import Link, Tier
+from hybrimoe_kt.measure.calibrate_fit import ExpertSample, fit_tier
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def measure_host(strategies: Sequence[str] = DEPLOYABLE, *, layers: int = 4, hid
     from hybrimoe_kt.core.strategies import get_strategy, slots_for
     from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
     from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
-    from hybrimoe_kt.provenance import cpu_model, git_commit
+    from hybrimoe_kt.measure.provenance import cpu_model, git_commit
     from hybrimoe_kt.runtime.device import Tier
     from hybrimoe_kt.runtime.harness import StackShape, random_store, run_replay, trivial_kernels
     from hybrimoe_kt.runtime.moe import HybridMoE
