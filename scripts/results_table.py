@@ -12,7 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODELS = (("mixtral", "Mixtral-8x7B (real trace)"), ("deepseek-v2-lite", "DeepSeek-V2-Lite (synthetic)"),
           ("qwen3-30b-a3b", "Qwen3-30B-A3B (synthetic)"))
-ORDER = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe", "oracle", "roofline")
+ORDER = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer", "hybrimoe", "oracle",
+         "roofline")
 
 
 def main() -> None:

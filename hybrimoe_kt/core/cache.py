@@ -158,14 +158,18 @@ class ExpertCache:
             m &= ~self._is_pinned
         return m
 
-    def split_landed(self, layer: int, experts: Iterable[int], t: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(landed, rest)``: the ``experts`` of ``layer`` resident with their copy landed by ``t``,
-        and the others (in the given order)."""
+    def account_landed(self, layer: int, experts: Iterable[int], t: float,
+                       now: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The step cadence's ``account``: ``(landed, rest)`` - the ``experts`` of ``layer`` resident
+        with their copy landed by ``t`` (counted as hits) and the others (misses: the CPU serves them),
+        in the given order. ``now``: when the layer's MoE part starts (for subclasses that record it)."""
         slots = self._slots[layer]
         on, off = [], []
         for e in experts:
             r = slots.get(e)
             (on if r is not None and r <= t else off).append(e)
+        self.counters.hits += len(on)
+        self.counters.misses += len(off)
         return tuple(on), tuple(off)
 
     def has_room(self, layer: int) -> bool:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from hybrimoe_kt.core.cache import CacheFull, ExpertCache
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
@@ -80,7 +78,7 @@ class Controller:
                is_prefill: bool = False) -> Decision:
         """Plan one layer whose MoE part starts at ``now``; the GPU is busy for ``gpu_free`` first."""
         if self._step and not is_prefill:
-            return self._decide_visible(routing)
+            return self._decide_visible(routing, now)
         pol, cache, layer = self.policies, self.cache, routing.layer
         if self.spec.uses_gpu_cache:  # without a GPU cache there is nothing to rank or admit
             pol.eviction.on_route(routing)
@@ -115,31 +113,12 @@ class Controller:
         plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), split.makespan_s)
         return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end)
 
-    def _decide_visible(self, routing: LayerRouting) -> Decision:
+    def _decide_visible(self, routing: LayerRouting, now: float) -> Decision:
         """Step cadence, decode: visible residents on the GPU, the rest on the CPU; no policy work."""
         self._pending = None
-        gpu, cpu = self.cache.split_landed(routing.layer, routing.experts, self.visible_at)
-        c = self.cache.counters
-        c.hits += len(gpu)
-        c.misses += len(cpu)
+        gpu, cpu = self.cache.account_landed(routing.layer, routing.experts, self.visible_at, now)
         plan = Plan(routing.layer, gpu, cpu, (), (), 0.0)
         return Decision(plan, len(gpu), 0, len(cpu), {}, {}, (), self.copy_free_at)
-
-    def account_step(self, step: StepRouting, served: np.ndarray) -> tuple[int, int]:
-        """Step cadence, runtime: count a recorded decode step's activated experts (distinct per layer)
-        as hits (served from a slot: ``served`` [L, E]) or misses, as ``decide`` counts them per layer
-        in the simulator. Returns ``(hits, misses)``."""
-        ran = step.ran  # [L, N, K]
-        ok = ran >= 0
-        used = np.zeros(served.shape, dtype=bool)
-        layer = np.broadcast_to(np.arange(ran.shape[0])[:, None, None], ran.shape)
-        used[layer[ok], ran[ok]] = True
-        h = int(np.count_nonzero(used & served))
-        m = int(np.count_nonzero(used)) - h
-        c = self.cache.counters
-        c.hits += h
-        c.misses += m
-        return h, m
 
     def visible(self):  # -> np.ndarray [L, E] bool
         """Step cadence: the experts a decode layer serves from their slot until the next upkeep."""

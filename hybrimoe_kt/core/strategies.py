@@ -22,8 +22,8 @@ from hybrimoe_kt.core.schedulers import SchedulerName, make_scheduler
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 from hybrimoe_kt.core.upkeep import StepRebalance
 
-StrategyName = Literal["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe",
-                       "hybrimoe-step", "oracle", "roofline"]
+StrategyName = Literal["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer",
+                       "hybrimoe", "oracle", "roofline"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,18 +85,19 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
     StrategySpec("hybrimoe-paper", "HybriMoE as published, release bugs fixed: hss scheduling, MRS "
                  "eviction, impact-driven prefetch of the next layer", "hss", "mrs", prefetch="impact",
                  prefetch_depth=1, copy_horizon_layers=1.0),
-    StrategySpec("hybrimoe", "the project's strategy: balanced scheduling, MRS eviction, background "
-                 "copies (CPU-served misses, impact prefetch two layers ahead) only when their expected "
-                 "extra hits pay for the host-memory traffic of the copy, decode only", "balanced", "mrs",
+    StrategySpec("hybrimoe-layer", "the project's per-layer strategy: balanced scheduling, MRS eviction, "
+                 "background copies (CPU-served misses, impact prefetch two layers ahead) decided per layer "
+                 "call, only when their expected extra hits pay for the host-memory traffic of the copy, "
+                 "decode only", "balanced", "mrs",
                  prefetch="impact", prefetch_depth=2, admit_misses=True, admission="expected-reuse",
                  admission_margin=1.0, copy_horizon_layers=4.0, background_in_prefill=False),
-    StrategySpec("hybrimoe-step", "the project's strategy with its cache upkeep off the decode critical "
-                 "path: decode layers run resident experts on the GPU and the rest on the CPU; once per "
-                 "decode step the cache swaps in the experts whose expected extra hits pay for the copy "
-                 "(MRS ranks the residents, a reuse rate prices the swap), copies booked for about one "
-                 "step; prefill as hybrimoe", "balanced", "mrs", admit_misses=True,
-                 admission="expected-reuse", admission_margin=1.0, copy_horizon_layers=4.0,
-                 background_in_prefill=False, cadence="step"),
+    StrategySpec("hybrimoe", "the project's strategy, its cache upkeep off the decode critical path: "
+                 "decode layers run resident experts on the GPU and the rest on the CPU; once per decode "
+                 "step the cache swaps in the experts whose expected extra hits (over 32 tokens) exceed 4 "
+                 "copies' worth of host-memory reads (MRS ranks the residents, a reuse rate prices the "
+                 "swap), copies booked for about one step; prefill: balanced split with demand loads",
+                 "balanced", "mrs", admit_misses=True, admission="expected-reuse", admission_margin=4.0,
+                 copy_horizon_layers=4.0, background_in_prefill=False, cadence="step"),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,

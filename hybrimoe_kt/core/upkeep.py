@@ -122,7 +122,11 @@ def plan_swaps(value: np.ndarray, rank: np.ndarray, resident: np.ndarray, evicta
             raise ValueError("plan_swaps needs quotas (per-layer pools) or capacity (a global pool)")
         rows = [value, rank, resident, evictable]
         free = np.asarray(quotas, dtype=np.int64) - resident.sum(axis=1)
-    gain, cand, victim = _pairs(*rows, np.maximum(free, 0), depth, horizon, threshold)
+    # only pools holding a non-resident worth a copy even into a free slot can gain
+    hot = np.flatnonzero(((rows[0] * horizon > threshold) & ~rows[2]).any(axis=1))
+    if hot.size == 0:
+        return []
+    gain, cand, victim = _pairs(*(a[hot] for a in rows), np.maximum(free[hot], 0), depth, horizon, threshold)
     flat = np.flatnonzero(gain.ravel() > 0)
     if flat.size == 0:
         return []
@@ -130,8 +134,9 @@ def plan_swaps(value: np.ndarray, rank: np.ndarray, resident: np.ndarray, evicta
     j_n = gain.shape[1]
     out: list[tuple[ExpertId, Optional[ExpertId]]] = []
     for f in order.tolist():
-        row, j = divmod(f, j_n)
-        c, v = int(cand[row, j]), int(victim[row, j])
+        i, j = divmod(f, j_n)
+        row = int(hot[i])
+        c, v = int(cand[i, j]), int(victim[i, j])
         if capacity is not None:
             new = (c // n_e, c % n_e)
             old = None if v < 0 else (v // n_e, v % n_e)

@@ -78,7 +78,8 @@ def fit_two_point(t1: float, tn: float, n: int) -> tuple[float, float]:
 class _TimedCache(ExpertCache):
     """An ExpertCache that records the simulated time at which each layer's plan is decided.
 
-    The engine calls ``account`` once per layer from ``Controller.decide`` with the time the layer's MoE
+    The engine calls ``account`` (``account_landed`` for a step-cadence decode layer) once per layer
+    from ``Controller.decide`` with the time the layer's MoE
     part starts, after the layer's non-MoE part (``cost.non_moe``) and its critical host time; a layer
     ends where the next layer's non-MoE part starts (the last one where its step ends), so the engine's
     own per-layer times follow from these times and its step times.
@@ -91,6 +92,10 @@ class _TimedCache(ExpertCache):
     def account(self, layer: int, experts: Any, now: float) -> tuple[int, int, int]:
         self.decided_at.append(now)
         return super().account(layer, experts, now)
+
+    def account_landed(self, layer: int, experts: Any, t: float, now: float) -> Any:
+        self.decided_at.append(now)  # the step cadence's decode layers
+        return super().account_landed(layer, experts, t, now)
 
 
 @dataclass

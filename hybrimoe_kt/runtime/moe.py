@@ -130,6 +130,7 @@ class HybridMoE:
         self._last_layer = n_layers
         self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
         self._tier_cpu = tier.device.type == "cpu"  # the CPU stand-in: no device moves
+        self._out_bufs: dict[int, torch.Tensor] = {}  # rows -> GPU experts' fp32 output buffer
         self._prefill = False               # the current forward's phase
         self._phase_given: Optional[bool] = None
         self._upkept = False                # begin_forward() already ran the step upkeep
@@ -243,11 +244,12 @@ class HybridMoE:
             sids = cad.lookup(layer, ids_np).ravel().tolist()
             flat = ids_np.ravel().tolist()
         gpu_slots = [s for s in sids if s >= 0]
-        has_cpu = len(gpu_slots) < len(sids) and any(s < 0 and e >= 0 for e, s in zip(flat, sids))
+        has_cpu = len(gpu_slots) < len(sids) and (-1 not in flat
+                                                  or any(s < 0 and e >= 0 for e, s in zip(flat, sids)))
         n, dev = x.shape[0], self.tier.device
         cpu_out = self._submit_cpu(layer, x, ids_cpu, w_cpu) if has_cpu else None  # its mask: the residency
         t_plan = self._timer()
-        out = torch.empty(n, self.store.hidden, dtype=torch.float32, device=dev) if gpu_slots else None
+        out = self._out_buffer(n) if gpu_slots else None
         shared_out = shared(x) if shared is not None else None
         if gpu_slots:
             slot_ids = torch.from_numpy(np.asarray(sids, dtype=np.int32).reshape(ids_np.shape))
@@ -265,8 +267,19 @@ class HybridMoE:
             n_gpu, n_all = len(gpu_slots), len(flat) - flat.count(-1)
         else:
             n_gpu, n_all = len(set(gpu_slots)), len({e for e in flat if e >= 0})
+        c = self.cache.counters  # as the controller counts a decode layer (distinct experts)
+        c.hits += n_gpu
+        c.misses += n_all - n_gpu
         self._account(t_start, t_plan, t_dispatch, t_dispatch, n_gpu, n_all - n_gpu, 0)
         return result
+
+    def _out_buffer(self, n: int) -> torch.Tensor:
+        """An fp32 ``[n, H]`` buffer on the tier's device for the GPU experts, reused across calls (the
+        kernels overwrite it; every reader is ordered after them on the same stream)."""
+        buf = self._out_bufs.get(n)
+        if buf is None:
+            buf = self._out_bufs[n] = torch.empty(n, self.store.hidden, dtype=torch.float32, device=self.tier.device)
+        return buf
 
     def _submit_cpu(self, layer: int, x: torch.Tensor, ids_cpu: torch.Tensor, w_cpu: torch.Tensor) -> torch.Tensor:
         """Submit the CPU experts (asynchronous); the backend's mask must already hold the GPU's."""
@@ -352,7 +365,7 @@ class HybridMoE:
                 if self._tier_cpu and x.dtype is torch.bfloat16:
                     return cpu_out.add_(out)  # the fp32 sum, rounded once to bf16, in the CPU buffer
                 out.add_(cpu_out if self._tier_cpu else cpu_out.to(dev))
-            result = out.to(x.dtype)
+            result = out.to(x.dtype) if x.dtype is not torch.float32 else out.clone()  # out may be reused
         if self._tier_cpu and not x.is_cuda:
             return result
         return result.to(x.device)  # on the input's device (no-op when the tier's device is x's)

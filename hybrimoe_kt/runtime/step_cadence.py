@@ -5,8 +5,8 @@ Strategies whose decode split is the residency (``StrategySpec.decode_lookup``: 
 cache, or the step cadence) take this path. Their decode layers do no policy work: ``lookup`` maps the routing ids to slots
 through ``slots`` ([L, E], -1 = served by the CPU kernel) and the CPU backends' masks already hold the
 same residency, so the CPU kernel skips exactly the experts the GPU computes. ``record`` keeps the
-step's ids and weights. ``between_forwards`` (at a forward's first MoE layer) counts the recorded step,
-hands it to ``Controller.upkeep``, applies the plan (a barrier on the compute stream, evictions' slots
+step's ids and weights. ``between_forwards`` (at a forward's first MoE layer) hands the recorded step
+to ``Controller.upkeep``, applies the plan (a barrier on the compute stream, evictions' slots
 freed, copies queued in order on the copy stream) and publishes the residency: an expert becomes
 visible only once its copy is complete, and the slot table and masks are rewritten in place.
 """
@@ -43,7 +43,6 @@ class StepCadence:
         if self.recording and self._rows:
             n = self._rows
             last = StepRouting(self._ids[:, :n], self._w[:, :n], self.top_k)
-            self.ctl.account_step(last, self.slots >= 0)
         plan = self.ctl.upkeep(last, now, plan=not is_prefill) if self._moving else EMPTY_UPKEEP
         pool = self.pool
         if self.recording or plan.copies:  # the step's kernels read slots without per-layer events

@@ -11,7 +11,7 @@ from typing import Optional
 
 from hybrimoe_kt.core.models import MODEL_PRESETS, ModelPreset
 
-DEFAULT_STRATEGIES = "stock,static-frequency,lru-offload,hybrimoe-paper,hybrimoe,oracle,roofline"
+DEFAULT_STRATEGIES = "stock,static-frequency,lru-offload,hybrimoe-paper,hybrimoe-layer,hybrimoe,oracle,roofline"
 REAL_MIXTRAL = "mixtral-8x7b-instruct__speculative-moe"
 
 

@@ -54,13 +54,13 @@ class CheckedCache(ExpertCache):
         self.n_layer_starts += 1
         return super().account(layer, experts, now)
 
-    def split_landed(self, layer: int, experts, t: float):  # type: ignore[override]
+    def account_landed(self, layer: int, experts, t: float, now: float):  # type: ignore[override]
         """The step cadence's decode split: a layer start like ``account``."""
         self.check_capacity()
         self.layer = layer
         self.layer_in_use = frozenset((layer, e) for e in experts)
         self.n_layer_starts += 1
-        return super().split_landed(layer, experts, t)
+        return super().account_landed(layer, experts, t, now)
 
     def admit(self, eid: ExpertId, ready_at: float, in_use: Collection[ExpertId], now: float,
               victim: Optional[ExpertId] = None) -> Optional[ExpertId]:
@@ -186,11 +186,11 @@ def test_get_strategy_unknown_name_lists_the_known_ones() -> None:
 
 
 def test_with_overrides() -> None:
-    base = get_strategy("hybrimoe")
+    base = get_strategy("hybrimoe-layer")
     with pytest.raises(ValueError, match="hybrimoe"):
         with_overrides(base, no_such_field=1)
     changed = with_overrides(base, prefetch_depth=3, pool="global")
-    assert (changed.prefetch_depth, changed.pool, changed.name) == (3, "global", "hybrimoe")
+    assert (changed.prefetch_depth, changed.pool, changed.name) == (3, "global", "hybrimoe-layer")
     assert base.prefetch_depth == 2 and base.pool == "layer"  # the registry's spec is untouched
     with pytest.raises(ValueError, match="prefetch_depth"):
         with_overrides(base, prefetch_depth=0)

@@ -13,7 +13,7 @@ from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.moe import HybridMoE
 from tests.runtime.helpers import E, H, K, L, random_routing, reference_moe, tiny_cost, tiny_store
 
-STRATEGIES = ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe"]
+STRATEGIES = ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer", "hybrimoe"]
 
 
 def make(strategy: str, slots: int = 3, backend: str = "torch") -> HybridMoE:

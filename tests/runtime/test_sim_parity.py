@@ -164,8 +164,8 @@ def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]],
     return log
 
 
-@pytest.mark.parametrize("name", ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe",
-                                  "hybrimoe-step"])
+@pytest.mark.parametrize("name", ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer",
+                                  "hybrimoe"])
 def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     sim_up: list[dict[str, Any]] = []
@@ -201,9 +201,9 @@ def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: 
         assert np.array_equal(a["visible"], b["visible"]), j
     if name != "stock":
         assert sum(c["n_gpu"] for c in sim) > 0, f"{name} never used the GPU tier"
-    if name in ("lru-offload", "hybrimoe-paper", "hybrimoe"):
+    if name in ("lru-offload", "hybrimoe-paper", "hybrimoe-layer"):
         assert sum(len(c["plan"].loads) + len(c["background"].copies) for c in sim) > 0
-    if name == "hybrimoe-step":
+    if name == "hybrimoe":
         assert sum(len(u["up"].copies) for u in sim_up) > 0, "the upkeep never swapped an expert in"
 
 
