@@ -132,6 +132,7 @@ class KtKernelBackend:
             self._cpu.submit(self._moe.load_weights_task(self._p2l.data_ptr()))
             self._cpu.sync()
         self._pending: list[torch.Tensor] = []  # tensors used by submitted, not yet synced tasks
+        self._stream_qlen: dict[int, torch.Tensor] = {}  # rows -> length buffer of stream submits
         log.debug("kt-kernel backend ready: %s, E=%d H=%d I=%d top_k=%d threads=%d", self.variant,
                   self.n_experts, self.hidden, self.intermediate, self.top_k, n_threads)
 
@@ -176,6 +177,26 @@ class KtKernelBackend:
     def sync(self) -> None:
         self._cpu.sync()
         self._pending.clear()
+
+    def submit_on_stream(self, stream: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         out: torch.Tensor) -> None:
+        """``submit`` queued on the CUDA stream ``stream`` (its pointer): the task starts when the stream
+        reaches it, after the copies queued before it, so a CUDA graph can capture it. ``x``, ``ids``,
+        ``weights`` and ``out`` must be contiguous pinned host buffers that outlive every replay (the
+        graph keeps their addresses); at most ``max_len`` rows."""
+        n, k = x.shape[0], ids.shape[1]
+        if not 1 <= n <= self.max_len or k > self.top_k:
+            raise ValueError(f"stream submit takes 1..{self.max_len} rows of at most {self.top_k} experts, "
+                             f"got {n} x {k}")
+        qlen = self._stream_qlen.get(n)
+        if qlen is None:  # one length buffer per row count, kept for the graph's replays
+            qlen = self._stream_qlen[n] = torch.tensor([n], dtype=torch.int32)
+        self._cpu.submit_with_cuda_stream(stream, self._moe.forward_task(
+            qlen.data_ptr(), k, ids.data_ptr(), weights.data_ptr(), x.data_ptr(), out.data_ptr()))
+
+    def sync_on_stream(self, stream: int) -> None:
+        """Make ``stream`` wait until the tasks submitted on it have written their outputs."""
+        self._cpu.sync_with_cuda_stream(stream)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:

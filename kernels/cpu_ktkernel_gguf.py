@@ -113,5 +113,6 @@ class KtKernelGgufBackend(KtKernelBackend):
         self._cpu.submit(self._moe.load_weights_task(self._p2l.data_ptr()))
         self._cpu.sync()
         self._pending: list[torch.Tensor] = []  # tensors used by submitted, not yet synced tasks
+        self._stream_qlen: dict[int, torch.Tensor] = {}  # rows -> length buffer of stream submits
         log.debug("kt-kernel GGUF backend ready: %s, E=%d H=%d I=%d top_k=%d threads=%d", self.variant,
                   self.n_experts, self.hidden, self.intermediate, self.top_k, n_threads)

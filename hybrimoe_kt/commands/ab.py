@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--cpu-infer", type=int, default=None, metavar="T",
                    help="CPU expert threads on both sides (overrides the rule files' cpu_threads)")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="decode steps in a CUDA graph on both sides: auto (default) = where supported")
     p.add_argument("--json", dest="json_out", required=True, help="write the comparison to this JSON file")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of prefill/decode tok/s")
     p.add_argument("--hardware", default="rtx4090-ddr5",
@@ -96,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     overrides = {"cpu_threads": args.cpu_infer} if args.cpu_infer is not None else None
-    a = run_side(args.model_path, args.rules_a, prompts, args.max_new_tokens, overrides)
-    b = run_side(args.model_path, args.rules_b, prompts, args.max_new_tokens, overrides)
+    graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
+    a = run_side(args.model_path, args.rules_a, prompts, args.max_new_tokens, overrides, cuda_graph=graph)
+    b = run_side(args.model_path, args.rules_b, prompts, args.max_new_tokens, overrides, cuda_graph=graph)
     agree = agreement(a["tokens"], b["tokens"])
     stand_in = not (a["gpu_tier_is_gpu"] and b["gpu_tier_is_gpu"])
     r = ratios(a, b)

@@ -29,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="capture decode steps in a CUDA graph and replay them: auto (default) = on where "
+                        "supported (model on CUDA, a decode-lookup strategy, kt-kernel, triton); on = "
+                        "required (an error elsewhere); off = eager decode")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the raw text (no chat template, no conversation history)")
     p.set_defaults(func=run)
@@ -77,6 +81,9 @@ def stats_lines(result: Any, tier_label: str) -> list[str]:
     ]
 
 
+CUDA_GRAPH = {"auto": None, "on": True, "off": False}  # --cuda-graph -> generate(cuda_graph=...)
+
+
 def answer(hm: Any, ids: list[int], args: argparse.Namespace) -> Any:
     from hybrimoe_kt.kt.generation import generate
 
@@ -85,7 +92,7 @@ def answer(hm: Any, ids: list[int], args: argparse.Namespace) -> Any:
         sys.stdout.flush()
 
     result = generate(hm, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, on_text=emit)
+                      seed=args.seed, on_text=emit, cuda_graph=CUDA_GRAPH[args.cuda_graph])
     print()
     for line in stats_lines(result, hm.tier_label):
         print(line)

@@ -50,7 +50,8 @@ def aggregate(results: Sequence[GenerationResult]) -> dict[str, Any]:
 
 
 def run_side(model_dir: str | Path, rules_path: str | Path, prompts: Sequence[str], max_new_tokens: int,
-             overrides: Optional[Mapping[str, Any]] = None, warmup_tokens: int = 2) -> dict[str, Any]:
+             overrides: Optional[Mapping[str, Any]] = None, warmup_tokens: int = 2,
+             cuda_graph: Optional[bool] = None) -> dict[str, Any]:
     """Load, warm up (``warmup_tokens`` on the first prompt, not measured), generate greedily for every
     prompt (EOS ignored, so both sides generate the same number of tokens), free the model."""
     from tqdm import tqdm
@@ -66,8 +67,8 @@ def run_side(model_dir: str | Path, rules_path: str | Path, prompts: Sequence[st
         rt = hm.runtime
         encoded = [list(hm.tokenizer(p).input_ids) for p in prompts]
         if warmup_tokens > 0:
-            generate(hm, encoded[0], warmup_tokens, stop_on_eos=False)
-        results = [generate(hm, ids, max_new_tokens, stop_on_eos=False)
+            generate(hm, encoded[0], warmup_tokens, stop_on_eos=False, cuda_graph=cuda_graph)
+        results = [generate(hm, ids, max_new_tokens, stop_on_eos=False, cuda_graph=cuda_graph)
                    for ids in tqdm(encoded, desc=Path(rules_path).stem, unit="prompt", leave=False)]
         capacity = int(rt.cache.capacity) if rt is not None else 0
         n_routed = rt.store.n_layers * rt.store.n_experts if rt is not None else 0

@@ -81,6 +81,7 @@ class GenerationResult:
     decode_forwards: int = 0
     counters: RuntimeCounters = field(default_factory=RuntimeCounters)
     stopped_on_eos: bool = False
+    cuda_graph: str = "off"   # off | eager (the graphed step without capture) | replayed | capture failed: ...
 
     @property
     def new_tokens(self) -> int:
@@ -99,7 +100,7 @@ class GenerationResult:
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
                 "prefill_s": round(self.prefill_s, 6), "decode_s": round(self.decode_s, 6),
                 "prefill_tok_s": round(self.prefill_tok_s, 3), "decode_tok_s": round(self.decode_tok_s, 3),
-                "stopped_on_eos": self.stopped_on_eos, **self.counters.summary()}
+                "stopped_on_eos": self.stopped_on_eos, "cuda_graph": self.cuda_graph, **self.counters.summary()}
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float,
@@ -152,12 +153,44 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _graph_mode(graphed: Any) -> str:
+    if graphed is None:
+        return "off"
+    if graphed.graph is not None:
+        return "replayed"
+    return "eager" if graphed.capture_error is None else f"capture failed: {graphed.capture_error}"
+
+
+def _graphed_decoder(hm: Any, cuda_graph: Any, max_len: int) -> Any:
+    """The ``GraphedDecoder`` ``generate`` uses for ``cuda_graph`` (see there), or None."""
+    from hybrimoe_kt.kt.cuda_graph import GraphedDecoder, graph_support
+
+    if cuda_graph is False:
+        return None
+    if cuda_graph == "eager":
+        return GraphedDecoder(hm, max_len, capture=False)
+    if cuda_graph not in (None, True):
+        raise ValueError(f"cuda_graph must be None, True, False or 'eager', got {cuda_graph!r}")
+    why = graph_support(hm)
+    if why is not None:
+        if cuda_graph is True:
+            raise ValueError(f"--cuda-graph on: decode steps cannot be captured here: {why}")
+        return None
+    return GraphedDecoder(hm, max_len, capture=True)
+
+
 @torch.no_grad()
 def generate(hm: Any, input_ids: torch.Tensor | list[int], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: Optional[int] = None, on_text: Optional[TokenCallback] = None,
-             stop_on_eos: bool = True) -> GenerationResult:
+             stop_on_eos: bool = True, cuda_graph: Optional[bool] = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (``[T]`` or ``[1, T]``) with the
-    hybrid model ``hm`` (a ``HybridModel``); ``on_text`` receives the decoded text piece by piece."""
+    hybrid model ``hm`` (a ``HybridModel``); ``on_text`` receives the decoded text piece by piece.
+
+    ``cuda_graph``: decode steps through ``kt.cuda_graph.GraphedDecoder`` (a static KV cache, the
+    runtime's graph-safe decode layers, captured and replayed on CUDA). None (default) turns it on
+    where it is supported (the model on CUDA, a decode-lookup strategy, kt-kernel, triton), True
+    requires it there (a clear error elsewhere), False keeps the eager loop; ``"eager"`` runs the
+    graphed path without capture (the CPU stand-in's test of it)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0.0 or not 0.0 < top_p <= 1.0:
@@ -177,12 +210,17 @@ def generate(hm: Any, input_ids: torch.Tensor | list[int], max_new_tokens: int, 
     tokens: list[int] = []
     eos = False
     n_decode = 0
+    graphed = _graphed_decoder(hm, cuda_graph, ids.shape[1] + max_new_tokens)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    tok = next_token(out.logits[0, -1], temperature, top_p, gen)
+    if graphed is not None:
+        last = graphed.prefill(ids)
+    else:
+        out = model(input_ids=ids, use_cache=True)
+        last = out.logits[0, -1]
+        cache_kw = cache_argument(model)
+        past = getattr(out, cache_kw)
+    tok = next_token(last, temperature, top_p, gen)
     t1 = time.perf_counter()
-    cache_kw = cache_argument(model)
-    past = getattr(out, cache_kw)
     while True:
         if tok in stops:
             eos = True
@@ -191,12 +229,19 @@ def generate(hm: Any, input_ids: torch.Tensor | list[int], max_new_tokens: int, 
         stream.update(tokens)
         if len(tokens) >= max_new_tokens:
             break
-        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{cache_kw: past})
-        past = getattr(out, cache_kw)
+        if graphed is not None:
+            last = graphed.decode(tok)
+        else:
+            out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{cache_kw: past})
+            past = getattr(out, cache_kw)
+            last = out.logits[0, -1]
         n_decode += 1
-        tok = next_token(out.logits[0, -1], temperature, top_p, gen)
+        tok = next_token(last, temperature, top_p, gen)
+    if graphed is not None:
+        graphed.close()
     t2 = time.perf_counter()
     stream.update(tokens, final=True)
     counters = RuntimeCounters.read(hm.runtime) - before
     log.debug("generated %d tokens after %d prompt tokens", len(tokens), ids.shape[1])
-    return GenerationResult(tokens, stream.text, int(ids.shape[1]), t1 - t0, t2 - t1, n_decode, counters, eos)
+    return GenerationResult(tokens, stream.text, int(ids.shape[1]), t1 - t0, t2 - t1, n_decode, counters, eos,
+                            _graph_mode(graphed))

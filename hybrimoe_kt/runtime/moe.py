@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, default_threads
 from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.runtime.device import Tier, real_host
+from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode
 from hybrimoe_kt.runtime.slots import SlotPool
 from hybrimoe_kt.runtime.step_cadence import StepCadence
 from hybrimoe_kt.runtime.store import HostExpertStore
@@ -134,6 +135,9 @@ class HybridMoE:
         self._prefill = False               # the current forward's phase
         self._phase_given: Optional[bool] = None
         self._upkept = False                # begin_forward() already ran the step upkeep
+        self._graph: Optional[GraphSafeDecode] = None  # the graph-safe decode path, once enabled
+        self._capturing = False             # inside graph_step()
+        self._graph_mark: Optional[float] = None  # when the last graph step's upkeep ran
         self._cadence: Optional[StepCadence] = None  # step-cadence strategies: decode without policy work
         if spec.decode_lookup:
             self._cadence = StepCadence(self.controller, self.pool, self._masks, top_k)
@@ -149,12 +153,62 @@ class HybridMoE:
         reports its MoE part only. ``is_prefill`` names the forward's phase (default: more than one
         row is a prefill, so a batched decode step should say so); given, a step-cadence strategy runs
         its upkeep here, before the attention, instead of at the first MoE layer."""
+        if self._capturing:  # a hook inside a captured step: the caller ran the upkeep before it
+            return
+        if self._graph is not None:
+            self._load_graph_step()
         self._begun = True
         self._phase_given = is_prefill
         if is_prefill is not None and self._cadence is not None:
             self._cadence.between_forwards(self._timer() - self._t0, is_prefill)
             self._upkept = True
         self._mark = self._timer()
+
+    def enable_graph_decode(self, max_rows: int = 1) -> None:
+        """Prepare the graph-safe decode path (``runtime.graph_decode``) for steps of up to ``max_rows``
+        rows; ``graph_step`` then routes decode layers through it."""
+        if self._cadence is None:
+            raise ValueError(f"strategy {self.spec.name} decides per layer in decode and cannot run in a CUDA "
+                             f"graph; use hybrimoe, static-frequency or stock")
+        s = self.store
+        self._graph = GraphSafeDecode(self.tier, self.pool, self.cpu, s.n_layers, self.top_k, s.hidden, max_rows)
+        self._cadence.on_publish = self._graph.publish
+        self._cadence.publish()
+
+    @contextlib.contextmanager
+    def graph_step(self) -> Iterator[None]:
+        """Within: every layer call takes the graph-safe decode path and ``begin_forward`` does nothing
+        (a CUDA graph captures or replays the step). Call ``begin_forward(is_prefill=False)`` before each
+        step: it runs the upkeep for the step before, outside the graph."""
+        if self._graph is None:
+            raise RuntimeError("call enable_graph_decode() before graph_step()")
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+            self._begun = self._upkept = False  # the next eager forward starts afresh
+
+    def end_graph_steps(self) -> None:
+        """After the last graph-safe step of a generation: count it now (the next upkeep uses it)."""
+        if self._graph is not None:
+            self._load_graph_step()
+
+    def _load_graph_step(self) -> None:
+        """Hand the last graph-safe step's routing to the upkeep, with its counters and time."""
+        step = self._graph.step()
+        now = self._timer()
+        if step is not None:
+            hits, misses = self._cadence.load_step(*step)
+            c, st, n_layers = self.cache.counters, self.stats, self.store.n_layers
+            c.hits += hits
+            c.misses += misses
+            st.forwards += n_layers
+            st.gpu_experts += hits
+            st.cpu_experts += misses
+            if self._graph_mark is not None:
+                self.controller.finish((now - self._graph_mark) / n_layers)  # the step's mean layer time
+        self._graph_mark = now
 
     def _check(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
         s = self.store
@@ -178,6 +232,8 @@ class HybridMoE:
         dtype, on x's device. The steps (named as in ``sim.engine``): start (upkeep between forwards),
         route, decide (or, in a step-cadence decode, look residency up), dispatch, background, combine."""
         self._check(layer, x, topk_ids, topk_weights)
+        if self._capturing:  # a CUDA graph captures (or the stand-in runs) the graph-safe step
+            return self._graph.layer(layer, x, topk_ids, topk_weights, shared)
         t_start = self._timer()
         n = x.shape[0]
         self._start(layer, n, t_start)

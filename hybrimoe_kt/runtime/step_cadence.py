@@ -13,7 +13,7 @@ visible only once its copy is complete, and the slot table and masks are rewritt
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from hybrimoe_kt.runtime.slots import SlotPool
 class StepCadence:
     def __init__(self, controller: Controller, pool: SlotPool, masks: Sequence[np.ndarray], top_k: int) -> None:
         self.ctl, self.pool, self.masks, self.top_k = controller, pool, list(masks), top_k
+        self.on_publish: Optional[Callable[[np.ndarray], None]] = None  # e.g. the device slot table
         n_layers, n_experts = pool.slot_table.shape
         self.slots = np.full((n_layers, n_experts), -1, dtype=np.int32)  # [L, E] visible slot, or -1
         self.rows: list[list[int]] = self.slots.tolist()                  # the same, as Python lists
@@ -66,8 +67,26 @@ class StepCadence:
         self.pool.hide_in_flight(vis)
         np.copyto(self.slots, np.where(vis, self.pool.slot_table, -1))
         self.rows = self.slots.tolist()
+        if self.on_publish is not None:
+            self.on_publish(self.slots)
         for layer, mask in enumerate(self.masks):
             np.copyto(mask, vis[layer])
+
+    def load_step(self, ids: np.ndarray, w: np.ndarray) -> tuple[int, int]:
+        """A whole decode step recorded elsewhere (``ids``/``w`` [L, N, K], the graph-safe path's
+        buffers): kept for the upkeep, and counted against the residency it ran on. Returns
+        ``(hits, misses)``: activated experts (distinct per layer) served from a slot, or not."""
+        n_l, n, k = ids.shape
+        if self._ids.shape[1] < n:
+            self._ids = np.full((n_l, n, k), -1, dtype=np.int32)
+            self._w = np.zeros((n_l, n, k), dtype=np.float32)
+        self._ids[:, :n], self._w[:, :n] = ids, w
+        self._rows, self.recording = n, True
+        ok = ids >= 0
+        used = np.zeros(self.slots.shape, dtype=bool)
+        used[np.broadcast_to(np.arange(n_l)[:, None, None], ids.shape)[ok], ids[ok]] = True
+        hits = int(np.count_nonzero(used & (self.slots >= 0)))
+        return hits, int(np.count_nonzero(used)) - hits
 
     def record(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
         """Keep one decode layer's routing ``[N, K]`` for the upkeep."""

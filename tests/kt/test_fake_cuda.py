@@ -36,11 +36,9 @@ from hybrimoe_kt.kt.families import FAMILIES  # noqa: E402
 from hybrimoe_kt.kt.loader import load_hybrid  # noqa: E402
 from hybrimoe_kt.kt.rules import RuleError  # noqa: E402
 from hybrimoe_kt.kt.tiny import make_tiny_model  # noqa: E402
+from tests.kt.rule_files import RULE_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
-RULE_NAMES = {"mixtral": "Mixtral", "qwen2-moe": "Qwen2-MoE", "qwen3-moe": "Qwen3-MoE",
-              "deepseek-v2": "DeepSeek-V2", "deepseek-v3": "DeepSeek-V3", "olmoe": "OLMoE"}
-assert set(RULE_NAMES) == set(FAMILIES)
 DEV = torch.device("cuda", 0)
 DECODE_STEPS = 3
 

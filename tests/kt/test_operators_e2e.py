@@ -15,10 +15,9 @@ from hybrimoe_kt.kt.families import FAMILIES
 from hybrimoe_kt.kt.loader import load_hybrid
 from hybrimoe_kt.kt.operators import HybriMoEExperts
 from hybrimoe_kt.kt.tiny import load_model, make_tiny_model
+from tests.kt.rule_files import RULE_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
-RULE_NAMES = {"mixtral": "Mixtral", "qwen2-moe": "Qwen2-MoE", "qwen3-moe": "Qwen3-MoE",
-              "deepseek-v2": "DeepSeek-V2", "deepseek-v3": "DeepSeek-V3", "olmoe": "OLMoE"}
 NEW_TOKENS = 6
 
 
