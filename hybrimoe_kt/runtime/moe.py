@@ -3,12 +3,11 @@
 A strategy with the step cadence (``core.upkeep``) runs decode layers without the Controller: the
 residency lookup of ``runtime.step_cadence`` splits the experts, and the cache upkeep runs once per
 step, before the next forward's first layer. Otherwise (and for prefill)
-``forward(layer, x, topk_ids, topk_weights)`` asks the shared Controller for the layer's Plan, then:
-frees the slots of evicted experts; sets the CPU backend's GPU mask in place and submits the CPU
-experts (asynchronous); queues demand loads on the copy stream; runs the GPU experts from their slots
-(waiting on copy events, no per-expert host syncs) and the shared experts meanwhile; queues the
-background copies; waits for the CPU; and sums the tiers, each expert with its own routing weight.
-The only host transfer per layer is the routing ids and weights (the CPU kernel needs them anyway).
+``forward(layer, x, topk_ids, topk_weights)`` asks the shared Controller for the layer's Plan and
+executes it (``runtime.layer_plan``), queues the background copies, waits for the CPU and sums the
+tiers (``runtime.tiers``), each expert with its own routing weight. Inside ``graph_step`` every call
+takes the graph-safe decode path (``runtime.graph_decode``) instead. The only host transfer per layer
+is the routing ids and weights (``runtime.routing_io``; the CPU kernel needs them anyway).
 
 The controller gets the inputs the simulator gives it: ``now`` (when the layer's MoE part starts),
 ``gpu_free`` (the cost model's predicted shared-expert time when the layer runs shared experts) and,
@@ -40,8 +39,11 @@ from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode
+from hybrimoe_kt.runtime.layer_plan import dispatch_plan
+from hybrimoe_kt.runtime.routing_io import check_call, route_to_host, to_host, to_host_placeholder
 from hybrimoe_kt.runtime.slots import SlotPool
 from hybrimoe_kt.runtime.step_cadence import StepCadence
+from hybrimoe_kt.runtime.tiers import Tiers
 from hybrimoe_kt.runtime.store import HostExpertStore
 from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
 
@@ -61,28 +63,6 @@ class RuntimeStats:
     cpu_experts: int = 0
     streamed: int = 0
     per_layer_host_s: list[float] = field(default_factory=list)
-
-
-def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` on the host in ``dtype`` (no copy when it already is)."""
-    return t if t.device.type == "cpu" and t.dtype == dtype else t.to("cpu", dtype)
-
-
-def _host_placeholder(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``_host`` on a fake tier (FakeTensorMode, CI's device-placement checks, see ``runtime.device``):
-    ``t`` has no data, so the host gets a real placeholder of its shape (zeros; integer routing ids get
-    experts ``0..k-1`` in every row, a valid routing) and the controller and the CPU expert kernels,
-    which need real values and pointers, run for real on it."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if not isinstance(t, FakeTensor):
-        return _host(t, dtype)
-    shape = tuple(int(d) for d in t.shape)
-    with real_host():
-        if dtype.is_floating_point:
-            return torch.zeros(shape, dtype=dtype)
-        cols = np.arange(shape[-1] if shape else 1, dtype=np.int64)
-        return torch.from_numpy(np.broadcast_to(cols, shape).copy()).to(dtype)
 
 
 class HybridMoE:
@@ -121,7 +101,7 @@ class HybridMoE:
         self.stats = RuntimeStats()
         self._timer = timer
         # fake tier: host work on real placeholders; else plain host copies and no context switches
-        self._to_host = _host_placeholder if tier.is_fake else _host
+        self._to_host = to_host_placeholder if tier.is_fake else to_host
         self._real = real_host if tier.is_fake else contextlib.nullcontext
         self._shared_s = getattr(cost, "shared", None)  # predicted shared-expert time (RooflineCost)
         self._t0 = timer()
@@ -131,7 +111,7 @@ class HybridMoE:
         self._last_layer = n_layers
         self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
         self._tier_cpu = tier.device.type == "cpu"  # the CPU stand-in: no device moves
-        self._out_bufs: dict[int, torch.Tensor] = {}  # rows -> GPU experts' fp32 output buffer
+        self._tiers = Tiers(tier, self.cpu, store.hidden, self._to_host, self._real)
         self._prefill = False               # the current forward's phase
         self._phase_given: Optional[bool] = None
         self._upkept = False                # begin_forward() already ran the step upkeep
@@ -211,20 +191,7 @@ class HybridMoE:
         self._graph_mark = now
 
     def _check(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
-        s = self.store
-        if not 0 <= layer < s.n_layers:
-            raise ValueError(f"layer {layer} out of range 0..{s.n_layers - 1}")
-        if x.dim() != 2 or x.shape[1] != s.hidden:
-            raise ValueError(f"hidden states must be [N, {s.hidden}], got {tuple(x.shape)}")
-        if x.dtype not in (torch.bfloat16, torch.float32, torch.float16):
-            raise ValueError(f"hidden states must be a float tensor, got {x.dtype}")
-        if ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.shape[1] != self.top_k:
-            raise ValueError(f"topk_ids must be [{x.shape[0]}, {self.top_k}], got {tuple(ids.shape)}")
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"topk_ids must be int64 or int32, got {ids.dtype}")
-        if tuple(w.shape) != tuple(ids.shape) or not w.dtype.is_floating_point:
-            raise ValueError(f"topk_weights must be a float tensor of shape {tuple(ids.shape)}, got "
-                             f"{w.dtype} {tuple(w.shape)}")
+        check_call(self.store.n_layers, self.store.hidden, self.top_k, layer, x, ids, w)
 
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 shared: Optional[SharedFn] = None) -> torch.Tensor:
@@ -245,11 +212,12 @@ class HybridMoE:
         gpu_free = self._shared_s(n) if shared is not None and self._shared_s is not None else 0.0
         d = self.controller.decide(routing, t_start - self._t0, gpu_free, self._prefill)
         t_plan = self._timer()
-        cpu_out, out, shared_out = self._dispatch(layer, x, topk_weights, ids_cpu, w_cpu, ids_np, d, shared)
+        cpu_out, out, shared_out = dispatch_plan(self.pool, self._tiers, self._masks[layer], self._slot_lut, layer,
+                                                 x, topk_weights, ids_cpu, w_cpu, ids_np, d, shared)
         t_dispatch = self._timer()
         self._background()
         t_background = self._timer()
-        result = self._combine(layer, x, bool(d.plan.cpu), bool(d.plan.gpu), cpu_out, out, shared_out)
+        result = self._tiers.combine(layer, x, bool(d.plan.cpu), bool(d.plan.gpu), cpu_out, out, shared_out)
         self._account(t_start, t_plan, t_dispatch, t_background, len(d.plan.gpu), len(d.plan.cpu),
                       len(d.streamed))
         return result
@@ -272,20 +240,7 @@ class HybridMoE:
 
     def _route(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """The one device-to-host copy: routing ids and weights (the CPU kernel needs them anyway)."""
-        ids_cpu = self._to_host(topk_ids, torch.int64)        # [N, K]
-        w_cpu = self._to_host(topk_weights, torch.float32)    # [N, K]
-        with self._real():  # numpy views need real tensors (FakeTensorMode: the placeholders)
-            ids_np, w_np = ids_cpu.numpy(), w_cpu.numpy()
-        flat = None  # the ids as a list, for decode sizes
-        if ids_np.size:
-            if ids_np.size <= 64:  # decode: plain Python beats two numpy reductions
-                flat = ids_np.ravel().tolist()
-                lo, hi = min(flat), max(flat)
-            else:
-                lo, hi = int(ids_np.min()), int(ids_np.max())
-            if hi >= self.store.n_experts or lo < -1:
-                raise ValueError(f"topk_ids must be in -1..{self.store.n_experts - 1}, got {int(lo)}..{int(hi)}")
-        return ids_cpu, w_cpu, ids_np, w_np, flat
+        return route_to_host(topk_ids, topk_weights, self.store.n_experts, self._to_host, self._real)
 
     def _decode_visible(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, ids_cpu: torch.Tensor,
                         w_cpu: torch.Tensor, ids_np: np.ndarray, w_np: np.ndarray, flat: Optional[list],
@@ -303,9 +258,9 @@ class HybridMoE:
         has_cpu = len(gpu_slots) < len(sids) and (-1 not in flat
                                                   or any(s < 0 and e >= 0 for e, s in zip(flat, sids)))
         n, dev = x.shape[0], self.tier.device
-        cpu_out = self._submit_cpu(layer, x, ids_cpu, w_cpu) if has_cpu else None  # its mask: the residency
+        cpu_out = self._tiers.submit_cpu(layer, x, ids_cpu, w_cpu) if has_cpu else None  # its mask: the residency
         t_plan = self._timer()
-        out = self._out_buffer(n) if gpu_slots else None
+        out = self._tiers.out_buffer(n) if gpu_slots else None
         shared_out = shared(x) if shared is not None else None
         if gpu_slots:
             slot_ids = torch.from_numpy(np.asarray(sids, dtype=np.int32).reshape(ids_np.shape))
@@ -318,7 +273,7 @@ class HybridMoE:
         elif shared_out is not None:
             out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
         t_dispatch = self._timer()
-        result = self._combine(layer, x, has_cpu, bool(gpu_slots), cpu_out, out, shared_out)
+        result = self._tiers.combine(layer, x, has_cpu, bool(gpu_slots), cpu_out, out, shared_out)
         if n == 1:  # a row's experts are distinct
             n_gpu, n_all = len(gpu_slots), len(flat) - flat.count(-1)
         else:
@@ -329,70 +284,6 @@ class HybridMoE:
         self._account(t_start, t_plan, t_dispatch, t_dispatch, n_gpu, n_all - n_gpu, 0)
         return result
 
-    def _out_buffer(self, n: int) -> torch.Tensor:
-        """An fp32 ``[n, H]`` buffer on the tier's device for the GPU experts, reused across calls (the
-        kernels overwrite it; every reader is ordered after them on the same stream)."""
-        buf = self._out_bufs.get(n)
-        if buf is None:
-            buf = self._out_bufs[n] = torch.empty(n, self.store.hidden, dtype=torch.float32, device=self.tier.device)
-        return buf
-
-    def _submit_cpu(self, layer: int, x: torch.Tensor, ids_cpu: torch.Tensor, w_cpu: torch.Tensor) -> torch.Tensor:
-        """Submit the CPU experts (asynchronous); the backend's mask must already hold the GPU's."""
-        x_cpu = self._to_host(x, torch.bfloat16).contiguous()
-        with self._real():
-            cpu_out = torch.empty(x.shape[0], self.store.hidden, dtype=torch.bfloat16)
-            self.cpu[layer].submit(x_cpu, ids_cpu, w_cpu, cpu_out)
-        return cpu_out
-
-    def _dispatch(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, ids_cpu: torch.Tensor,
-                  w_cpu: torch.Tensor, ids_np: np.ndarray, d, shared: Optional[SharedFn]):
-        """Free evicted slots; mask and submit the CPU experts; queue demand loads; run the GPU experts
-        from their slots (slot ids built on the host and sent as one small copy - no device-side
-        gathers, no syncs) and the shared experts meanwhile."""
-        plan, pool, n = d.plan, self.pool, x.shape[0]
-        for eid in plan.evictions:
-            pool.release(eid)
-        cpu_out = None
-        if plan.cpu:
-            mask = self._masks[layer]  # numpy view of the backend's gpu_mask: written in place
-            mask[:] = False
-            if plan.gpu:
-                mask[list(plan.gpu)] = True
-            cpu_out = self._submit_cpu(layer, x, ids_cpu, w_cpu)
-        streamed = set(d.streamed)
-        for e in plan.loads:
-            if e not in streamed:
-                pool.load((layer, e))
-        slot_of = self._slot_lut
-        slot_of.fill(-1)
-        resident_slots = []
-        for e in plan.gpu:
-            if e not in streamed:
-                s = pool.slot_of((layer, e))
-                slot_of[e] = s
-                resident_slots.append(s)
-        dev = self.tier.device
-        out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev) if plan.gpu or shared else None
-        shared_out = shared(x) if shared is not None else None
-        if plan.gpu:
-            x_dev = x.to(dev)
-            w_dev = topk_weights.to(dev, torch.float32)
-        if resident_slots:
-            pool.before_compute(resident_slots)
-            sid_np = np.where(ids_np >= 0, slot_of[np.maximum(ids_np, 0)], -1).astype(np.int32)  # [N, K]
-            slot_ids = torch.from_numpy(sid_np).to(dev, non_blocking=True)
-            gpu_experts_forward(x_dev, slot_ids, w_dev, pool.weights, active_slots=resident_slots, out=out)
-            pool.after_compute(resident_slots)
-        for e in plan.gpu:
-            if e in streamed:  # no evictable slot: copy into scratch, compute, forget
-                s = pool.stream((layer, e))
-                pool.before_compute([s])
-                sid = torch.from_numpy(np.where(ids_np == e, s, -1).astype(np.int32)).to(dev, non_blocking=True)
-                out += gpu_experts_forward(x_dev, sid, w_dev, pool.weights, active_slots=[s])
-                pool.after_compute([s])
-        return cpu_out, out, shared_out
-
     def _background(self) -> None:
         """Background copies, decided while the kernels run, queued behind the demand loads."""
         bg = self.controller.background()
@@ -400,31 +291,6 @@ class HybridMoE:
             self.pool.release(eid)
         for eid in bg.copies:
             self.pool.load(eid)
-
-    def _combine(self, layer: int, x: torch.Tensor, has_cpu: bool, has_gpu: bool,
-                 cpu_out: Optional[torch.Tensor], out: Optional[torch.Tensor],
-                 shared_out: Optional[torch.Tensor]) -> torch.Tensor:
-        """Wait for the CPU tier and sum the tiers; the result on x's device, in x's dtype."""
-        dev = self.tier.device
-        if has_cpu and not has_gpu and shared_out is None:
-            with self._real():
-                self.cpu[layer].sync()  # CPU tier only: its output is the result
-            result = cpu_out.to(dev, x.dtype)
-        else:
-            if out is None:  # no routed expert activated (all ids -1) and no shared expert
-                out = torch.zeros(x.shape[0], self.store.hidden, dtype=torch.float32, device=dev)
-            if shared_out is not None:
-                out.add_(shared_out)  # fp32
-            if has_cpu:
-                with self._real():
-                    self.cpu[layer].sync()
-                if self._tier_cpu and x.dtype is torch.bfloat16:
-                    return cpu_out.add_(out)  # the fp32 sum, rounded once to bf16, in the CPU buffer
-                out.add_(cpu_out if self._tier_cpu else cpu_out.to(dev))
-            result = out.to(x.dtype) if x.dtype is not torch.float32 else out.clone()  # out may be reused
-        if self._tier_cpu and not x.is_cuda:
-            return result
-        return result.to(x.device)  # on the input's device (no-op when the tier's device is x's)
 
     def _account(self, t_start: float, t_plan: float, t_dispatch: float, t_background: float, n_gpu: int,
                  n_cpu: int, n_streamed: int) -> None:
