@@ -181,7 +181,8 @@ def trivial_kernels(moe: HybridMoE) -> Iterator[None]:
                  active_slots: Any = None, out: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
         return out if out is not None else torch.zeros(x.shape[0], slots.hidden, device=x.device)
 
-    saved_gpu = moe_module.gpu_experts_forward
+    saved_gpu, saved_triton = moe_module.gpu_experts_forward, moe._triton
+    moe._triton = None  # the CUDA decode path's Triton kernel: a no-op too (through gpu_noop)
     saved = [(b, b.__dict__.get("submit"), b.__dict__.get("sync")) for b in moe.cpu]
     weights = moe.pool.weights
     saved_write = weights.__dict__.get("write_packed")
@@ -194,6 +195,7 @@ def trivial_kernels(moe: HybridMoE) -> Iterator[None]:
         yield
     finally:
         moe_module.gpu_experts_forward = saved_gpu  # type: ignore[assignment]
+        moe._triton = saved_triton
         for b, sub, syn in saved:
             for name, orig in (("submit", sub), ("sync", syn)):
                 if orig is None:

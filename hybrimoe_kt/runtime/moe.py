@@ -37,6 +37,7 @@ from hybrimoe_kt.core.types import LayerRouting
 from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, default_threads
 from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
+from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
 from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode
 from hybrimoe_kt.runtime.layer_plan import dispatch_plan
@@ -112,6 +113,7 @@ class HybridMoE:
         self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
         self._tier_cpu = tier.device.type == "cpu"  # the CPU stand-in: no device moves
         self._tiers = Tiers(tier, self.cpu, store.hidden, self._to_host, self._real)
+        self._triton = triton_experts_forward if tier.is_cuda and triton_available(tier.device) else None
         self._prefill = False               # the current forward's phase
         self._phase_given: Optional[bool] = None
         self._upkept = False                # begin_forward() already ran the step upkeep
@@ -269,7 +271,8 @@ class HybridMoE:
             else:
                 slot_ids = slot_ids.to(dev, non_blocking=True)
                 x_dev, w_dev = x.to(dev), topk_weights.to(dev)
-            gpu_experts_forward(x_dev, slot_ids, w_dev, self.pool.weights, active_slots=gpu_slots, out=out)
+            kernel = self._triton or gpu_experts_forward  # one launch pair over the slots on CUDA
+            kernel(x_dev, slot_ids, w_dev, self.pool.weights, active_slots=gpu_slots, out=out)
         elif shared_out is not None:
             out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
         t_dispatch = self._timer()

@@ -28,7 +28,7 @@ from hybrimoe_kt.sim.folds import Fold
 
 COPY = "copy"
 OWN = "+own-counts"  # suffix: the structure placed from the replayed requests' own counts
-DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe")
+DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer", "hybrimoe")
 VARIANTS: tuple[str, ...] = (COPY, "static-frequency" + OWN, *DEPLOYABLE)
 
 

@@ -16,6 +16,7 @@ STYLES: dict[str, dict[str, Any]] = {
                              markersize=9),
     "lru-offload": dict(color="#ff7f0e", marker="v", linestyle="-.", fillstyle="full"),
     "hybrimoe-paper": dict(color="#2ca02c", marker="D", linestyle="-", fillstyle="full", markersize=5),
+    "hybrimoe-layer": dict(color="#ff9896", marker="o", linestyle="--", fillstyle="none", markersize=7),
     "hybrimoe": dict(color="#d62728", marker="o", linestyle="-", fillstyle="full", linewidth=2.2),
     "oracle": dict(color="#9467bd", marker="*", linestyle=":", fillstyle="full", markersize=9),
     "roofline": dict(color="#000000", marker="x", linestyle=(0, (1, 3)), fillstyle="full"),
