@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Device check for a machine with an NVIDIA GPU (no network needed): numerics of the CUDA path and an
-# A/B of stock / static-frequency / hybrimoe on DeepSeek-V2-Lite-shaped layers. Writes
-# $OUT/device_check.json (results/ when OUT is unset). Extra arguments go to device_check.py
-# (e.g. --dry-run to run on the CPU stand-in).
+# Device check for a machine with one NVIDIA GPU (no network needed), under 8 minutes: sections env,
+# numerics (the GPU expert kernels vs fp32 references), chat (a tiny model of every family, stock and
+# hybrimoe rules with generate_device cuda, decoded eagerly and through the captured CUDA graph) and ab
+# (DeepSeek-V2-Lite-shaped layers, stock / static-frequency / hybrimoe at 25 and 50% cache, decode with
+# the graph off and on: tok/s and host time per layer). Writes $OUT/device_check.json (results/ when OUT
+# is unset), rewritten after every section, chat family and A/B run, so the outer timeout below (above
+# device_check.py's own 420 s budget) still leaves what was measured. Extra arguments go to
+# device_check.py (e.g. --dry-run to run on the CPU stand-in).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-results}"
