@@ -119,8 +119,9 @@ def check_gpu_memory(model: torch.nn.Module, device: str, slot_bytes: int, slots
 
 
 def _mark_forward_start(model: torch.nn.Module, first_key: str, runtime: HybridMoE) -> None:
-    """Call ``runtime.begin_forward()`` when the decoder layer of the first MoE operator starts, so the
-    first MoE layer's time given to the controller includes its attention, as the simulator's does.
+    """Call ``runtime.begin_forward(is_prefill)`` when the decoder layer of the first MoE operator starts,
+    so the first MoE layer's time given to the controller includes its attention, and a step upkeep
+    runs before it, as the simulator's does.
     Falls back to the model's own forward start when that decoder layer cannot be found by name."""
     m = re.match(r"^(.*?(?:^|\.)layers\.\d+)\.", first_key)
     target: torch.nn.Module = model
@@ -129,7 +130,17 @@ def _mark_forward_start(model: torch.nn.Module, first_key: str, runtime: HybridM
             target = model.get_submodule(m.group(1))
         except AttributeError:
             log.debug("no module %s in the model; marking forward starts at the model's forward", m.group(1))
-    target.register_forward_pre_hook(lambda _module, _args: runtime.begin_forward())
+    target.register_forward_pre_hook(lambda _m, args, kwargs: runtime.begin_forward(_phase(args, kwargs)),
+                                     with_kwargs=True)
+
+
+def _phase(args: tuple, kwargs: dict) -> Optional[bool]:
+    """Whether a decoder layer's call is a prefill: more than one position in its hidden states
+    ``[B, T, H]`` (None when they cannot be found: the runtime then decides from the rows)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
+        return bool(hidden.shape[-2] > 1)
+    return None
 
 
 def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
