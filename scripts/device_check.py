@@ -391,24 +391,16 @@ def graph_decode(moe: Any, replay: Any, decode: list[Any], seed: int, capture: b
             torch.cuda.synchronize(dev)
 
     out: dict[str, Any] = {}
-    g: Any = None  # the runtime's graph-safe decode path, once enabled
-    marked = 0
 
     def run(graph: Any) -> None:
-        nonlocal marked
         if graph is None:
             step_fn()
             return
         graph.replay()
-        # a replay runs no Python: when the runtime's record of the step (GraphSafeDecode's row count, set
-        # by the layer calls) reads 0, mark it so that the next upkeep loads this step as an eager one would
-        if g is not None and getattr(g, "_rows", None) == 0:
-            g._rows = 1
-            marked += 1
+        moe.graph_replayed(1)  # a replay runs no Python: the next upkeep reads the step from the buffers
 
     with torch.no_grad():
         moe.enable_graph_decode(max_rows=1)
-        g = getattr(moe, "_graph", None)
         h0, m0, b0, f0 = _counter_snapshot(moe)
         graph = None
         # step 0, untimed: its upkeep, the capture (after warm-up steps on a side stream, which change no
@@ -433,7 +425,6 @@ def graph_decode(moe: Any, replay: Any, decode: list[Any], seed: int, capture: b
                         "traceback": traceback.format_exc()[-2000:]}
         run(graph)
         sync()
-        marked = 0  # the capture's layer calls recorded step 0
         out["setup_s"] = round(time.perf_counter() - t0, 3)
         step_s, host_s, upkeep_s, launch_s = [], [], [], []
         for i in range(1, len(decode)):
@@ -462,8 +453,6 @@ def graph_decode(moe: Any, replay: Any, decode: list[Any], seed: int, capture: b
                 "decode_hit_rate": round((h1 - h0) / acc, 4) if acc else 0.0,
                 "gb_copied": round((b1 - b0) / 1e9, 4), "steps": len(decode), "timed_steps": len(step_s),
                 "steps_counted": (f1 - f0) // layers if layers else 0})
-    if graph is not None:
-        out["replays_marked_by_check"] = marked
     del graph
     return out
 

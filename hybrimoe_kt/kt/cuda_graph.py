@@ -113,6 +113,8 @@ class GraphedDecoder:
             self._capture()
         if self.graph is not None:
             self.graph.replay()
+            if self.runtime is not None:
+                self.runtime.graph_replayed(1)  # the next upkeep reads this step from the graph's buffers
             self.replays += 1
             logits = self.logits
         else:

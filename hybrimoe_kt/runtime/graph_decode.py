@@ -66,6 +66,10 @@ class GraphSafeDecode:
         """Write the visible slot table ``[L, E]`` (the caller has finished the previous step)."""
         self.slots.copy_(torch.from_numpy(visible_slots), non_blocking=False)
 
+    def replayed(self, rows: int) -> None:
+        """A captured step of ``rows`` rows was replayed (no Python ran): its routing is in the buffers."""
+        self._rows = rows
+
     def step(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
         """The routing of the last step (``ids``, ``weights`` [L, N, K]), once; None if none ran."""
         n, self._rows = self._rows, 0

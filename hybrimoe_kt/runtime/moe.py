@@ -171,6 +171,13 @@ class HybridMoE:
             self._capturing = False
             self._begun = self._upkept = False  # the next eager forward starts afresh
 
+    def graph_replayed(self, rows: int = 1) -> None:
+        """Call after each replay of a captured step (a replay runs no Python, so the runtime cannot
+        see it): the next upkeep then loads that step's routing from the graph's buffers."""
+        if self._graph is None:
+            raise RuntimeError("call enable_graph_decode() before replaying graph steps")
+        self._graph.replayed(rows)
+
     def end_graph_steps(self) -> None:
         """After the last graph-safe step of a generation: count it now (the next upkeep uses it)."""
         if self._graph is not None:

@@ -57,7 +57,9 @@ def test_a_per_layer_strategy_cannot_take_the_graph_path(tiny: dict[str, Path]) 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs an NVIDIA GPU")
 def test_captured_decode_replays_on_cuda(tiny: dict[str, Path], tmp_path: Path) -> None:
-    text = rule_file("deepseek-v2", "hybrimoe").read_text().replace("generate_device: cpu", "generate_device: cuda")
+    text = rule_file("deepseek-v2", "hybrimoe").read_text()
+    text = text.replace("generate_device: cpu", "generate_device: cuda").replace("prefill_device: cpu",
+                                                                                  "prefill_device: cuda")
     cuda_rules = tmp_path / "cuda.yaml"
     cuda_rules.write_text(text)
     hm = load_hybrid(tiny["deepseek-v2"], cuda_rules, progress=False)
@@ -66,3 +68,4 @@ def test_captured_decode_replays_on_cuda(tiny: dict[str, Path], tmp_path: Path) 
     graphed = generate(hm, ids, 8, stop_on_eos=False, cuda_graph=True)
     assert graphed.cuda_graph == "replayed", graphed.cuda_graph
     assert len(graphed.tokens) == len(eager.tokens)
+    assert graphed.counters.forwards == eager.counters.forwards  # replayed steps are counted
