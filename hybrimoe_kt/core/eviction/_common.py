@@ -51,3 +51,13 @@ def lowest_masked(first: int, mask: np.ndarray, *keys: np.ndarray) -> ExpertId:
     j = int(idx[int(np.argmin(keys[-1].ravel()[idx]))]) if keys else int(idx[0])
     n_e = mask.shape[1]
     return first + j // n_e, j % n_e
+
+
+def step_layers(ids: np.ndarray, n_layers: int, n_experts: int) -> np.ndarray:
+    """Validate a step's ids ``[L, N, P]`` (``core.upkeep.StepRouting``) against the model shape and
+    return the layer index of every cell (``[L, N, P]``, a broadcast view)."""
+    if ids.ndim != 3 or ids.shape[0] != n_layers:
+        raise ValueError(f"step routing must be [{n_layers}, N, P], got shape {ids.shape}")
+    if ids.size and int(ids.max()) >= n_experts:
+        raise ValueError(f"step routing names expert {int(ids.max())}, but the model has {n_experts} experts")
+    return np.broadcast_to(np.arange(n_layers)[:, None, None], ids.shape)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked
+from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked, step_layers
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
 
@@ -102,9 +102,8 @@ class MRS:
         """A whole forward at every layer at once (``core.upkeep.StepRouting``): per layer, the same
         update as ``on_route`` on its rows, vectorized over [layers, experts]."""
         ids = np.asarray(step.ids)  # [L, N, P]
+        layer = step_layers(ids, self.n_layers, self.n_experts)
         n_l, n, p_cols = ids.shape
-        if n_l != self.n_layers:
-            raise ValueError(f"step routing has {n_l} layers, the policy {self.n_layers}")
         if n == 0:
             return
         scores = np.asarray(step.scores, dtype=np.float64)
@@ -112,16 +111,13 @@ class MRS:
             top_ids, top_scores = select_top_p(ids.reshape(n_l * n, p_cols), scores.reshape(n_l * n, p_cols),
                                                self.p)
             ids, scores = top_ids.reshape(n_l, n, -1), top_scores.reshape(n_l, n, -1)
+            layer = np.broadcast_to(np.arange(n_l)[:, None, None], ids.shape)
         valid = ids >= 0
-        if valid.any() and int(ids.max()) >= self.n_experts:
-            raise ValueError(f"step routing names expert {int(ids.max())}, but the model has "
-                             f"{self.n_experts} experts")
         if not np.all(np.isfinite(scores[valid])):
             raise ValueError("step routing has non-finite scores for selected experts")
         keep = 1.0 - self.alpha
         decay = keep ** np.arange(n - 1, -1, -1, dtype=np.float64)  # [N]
         w = self.alpha * scores * decay[None, :, None]  # [L, N, P]
-        layer = np.broadcast_to(np.arange(n_l)[:, None, None], ids.shape)
         self.scores *= keep ** n
         np.add.at(self.scores, (layer[valid], ids[valid]), w[valid])
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked
+from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked, step_layers
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
 
@@ -61,19 +61,14 @@ class ReuseRate:
         """A whole forward at every layer at once (``core.upkeep.StepRouting``): per layer, the same
         update as ``on_route`` on its rows, vectorized over [layers, experts]."""
         ids = np.asarray(step.ran)  # [L, N, K]
-        n_l, n, _ = ids.shape
-        if n_l != self.n_layers:
-            raise ValueError(f"step routing has {n_l} layers, the policy {self.n_layers}")
+        layer = step_layers(ids, self.n_layers, self.n_experts)
+        n = ids.shape[1]
         if n == 0:
             return
         ok = ids >= 0
-        if ok.any() and int(ids.max()) >= self.n_experts:
-            raise ValueError(f"step routing names expert {int(ids.max())}, but the model has "
-                             f"{self.n_experts} experts")
         d = self.decay
         w = np.broadcast_to(((1.0 - d) * d ** np.arange(n - 1, -1, -1, dtype=np.float64))[None, :, None],
                             ids.shape)
-        layer = np.broadcast_to(np.arange(n_l)[:, None, None], ids.shape)
         self.rate *= d ** n
         np.add.at(self.rate, (layer[ok], ids[ok]), w[ok])
 
