@@ -256,7 +256,7 @@ def chat_pair(model_dir: str, rules: Path, graph_request: Any, overrides: Any, c
     """One family x rules: a fresh load per decode mode (the same starting cache), 16 greedy tokens."""
     import torch
 
-    from hybrimoe_kt.commands.chat import encode
+    from hybrimoe_kt.kt.generation import encode_prompt as encode
     from hybrimoe_kt.kt.generation import generate
     from hybrimoe_kt.kt.loader import load_hybrid
 

@@ -58,17 +58,6 @@ def check_args(args: argparse.Namespace) -> None:
                          f"{args.top_p}")
 
 
-def encode(tokenizer: Any, history: list[dict[str, str]], text: str, use_template: bool) -> list[int]:
-    """Prompt token ids: the conversation so far plus ``text`` through the chat template, or raw text."""
-    if use_template and getattr(tokenizer, "chat_template", None):
-        msgs = history + [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return list(tokenizer(text).input_ids)
-
-
 def stats_lines(result: Any, tier_label: str) -> list[str]:
     c = result.counters
     return [
@@ -121,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     load_rules(args.optimize_config_path)  # a bad rule file is a user error: fail before loading
     from transformers.utils import logging as hf_logging
 
+    from hybrimoe_kt.kt.generation import encode_prompt
     from hybrimoe_kt.kt.loader import load_hybrid
 
     hf_logging.disable_progress_bar()
@@ -129,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
     use_template = not args.no_chat_template
     if args.prompt is not None or args.prompt_file is not None:
         text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
-        answer(hm, encode(hm.tokenizer, [], text, use_template), args)
+        answer(hm, encode_prompt(hm.tokenizer, [], text, use_template), args)
         return 0
     history: list[dict[str, str]] = []
     while (text := read_turn(sys.stdin)) is not None:
-        result = answer(hm, encode(hm.tokenizer, history, text, use_template), args)
+        result = answer(hm, encode_prompt(hm.tokenizer, history, text, use_template), args)
         if use_template:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
     return 0

@@ -137,6 +137,17 @@ class TextStream:
             self.emitted = end
 
 
+def encode_prompt(tokenizer: Any, history: list[dict[str, str]], text: str, use_template: bool) -> list[int]:
+    """Prompt token ids: the conversation so far plus ``text`` through the chat template, or raw text."""
+    if use_template and getattr(tokenizer, "chat_template", None):
+        msgs = history + [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return list(tokenizer(text).input_ids)
+
+
 def eos_ids(hm: Any) -> set[int]:
     ids: set[int] = set()
     for src in (getattr(hm.model, "generation_config", None), hm.tokenizer):

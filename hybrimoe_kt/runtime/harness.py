@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -114,7 +114,8 @@ def _sync(device: torch.device) -> None:
 
 def run_replay(moe: HybridMoE, replay: RoutingReplay, steps: Sequence[ReplayStep], *, seed: int = 0,
                record: Optional[RunRecord] = None, timed: bool = True,
-               layer_wall: Optional[list[float]] = None, dense: Optional[DenseParts] = None) -> RunRecord:
+               layer_wall: Optional[list[float]] = None,
+               dense: Optional[DenseParts | NoOpDense] = None) -> RunRecord:
     """Run ``steps`` through every layer of ``moe``; inputs and routing are placed on the tier's device
     before the timed region (a router's outputs live there). ``layer_wall`` collects the wall time of
     each layer call (no synchronisation: on a GPU that is the host's share). ``dense``: each layer runs
@@ -171,6 +172,21 @@ def summary_us(xs: Sequence[float]) -> dict[str, float]:
     a = np.asarray(xs, dtype=np.float64) * 1e6
     return {"median_us": round(float(np.median(a)), 2), "p90_us": round(float(np.percentile(a, 90)), 2),
             "mean_us": round(float(a.mean()), 2), "n": int(a.size)}
+
+
+class NoOpDense:
+    """The dense parts of a layer as no-op kernels, for host-time measurements: the attention returns its
+    input, and the shared experts (a model with them, e.g. DeepSeek-V2-Lite's two) return a preallocated
+    zero block, so a layer call pays the shared-expert plumbing (the call, the sum) and no compute."""
+
+    def __init__(self, hidden: int, max_rows: int = 1024, dtype: torch.dtype = torch.bfloat16) -> None:
+        self._zeros = torch.zeros(max_rows, hidden, dtype=dtype)
+
+    def attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def shared(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: self._zeros[: x.shape[0]]
 
 
 @contextmanager

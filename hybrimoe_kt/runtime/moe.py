@@ -280,8 +280,6 @@ class HybridMoE:
                 x_dev, w_dev = x.to(dev), topk_weights.to(dev)
             kernel = self._triton or gpu_experts_forward  # one launch pair over the slots on CUDA
             kernel(x_dev, slot_ids, w_dev, self.pool.weights, active_slots=gpu_slots, out=out)
-        elif shared_out is not None:
-            out = torch.zeros(n, self.store.hidden, dtype=torch.float32, device=dev)
         t_dispatch = self._timer()
         result = self._tiers.combine(layer, x, has_cpu, bool(gpu_slots), cpu_out, out, shared_out)
         if n == 1:  # a row's experts are distinct

@@ -46,8 +46,12 @@ class Tiers:
             with self._real():
                 self.cpu[layer].sync()  # CPU tier only: its output is the result
             result = cpu_out.to(dev, x.dtype)
+        elif out is None and shared_out is not None and has_cpu and self._tier_cpu and x.dtype is torch.bfloat16:
+            with self._real():
+                self.cpu[layer].sync()
+            return cpu_out.add_(shared_out)  # CPU experts + shared: one fp32 sum, rounded once
         else:
-            if out is None:  # no routed expert activated (all ids -1) and no shared expert
+            if out is None:  # no GPU expert: start from zeros
                 out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=dev)
             if shared_out is not None:
                 out.add_(shared_out)  # fp32
