@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hybrimoe_kt.core.models import ModelPreset, get_model
+from hybrimoe_kt.runtime import layer_plan as plan_module
 from hybrimoe_kt.runtime import moe as moe_module
 from hybrimoe_kt.runtime.dense_parts import DenseParts
 from hybrimoe_kt.runtime.moe import HybridMoE
@@ -202,7 +203,8 @@ def trivial_kernels(moe: HybridMoE) -> Iterator[None]:
     saved = [(b, b.__dict__.get("submit"), b.__dict__.get("sync")) for b in moe.cpu]
     weights = moe.pool.weights
     saved_write = weights.__dict__.get("write_packed")
-    moe_module.gpu_experts_forward = gpu_noop  # type: ignore[assignment]
+    moe_module.gpu_experts_forward = gpu_noop  # type: ignore[assignment]  # the decode lookup path
+    plan_module.gpu_experts_forward = gpu_noop  # type: ignore[assignment]  # the per-layer plan path
     for b in moe.cpu:
         b.submit = lambda *a, **k: None  # type: ignore[method-assign]
         b.sync = lambda: None  # type: ignore[method-assign]
@@ -211,6 +213,7 @@ def trivial_kernels(moe: HybridMoE) -> Iterator[None]:
         yield
     finally:
         moe_module.gpu_experts_forward = saved_gpu  # type: ignore[assignment]
+        plan_module.gpu_experts_forward = saved_gpu  # type: ignore[assignment]
         moe._triton = saved_triton
         for b, sub, syn in saved:
             for name, orig in (("submit", sub), ("sync", syn)):
