@@ -54,6 +54,7 @@ from hybrimoe_kt.core.strategies import get_strategy, slots_for
 from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
 from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.measure.calibrate import busy_cpus, read_bandwidth_gbs
+from hybrimoe_kt.measure.gguf_copy import measure_gguf_copy
 from hybrimoe_kt.measure.provenance import provenance
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.harness import (NoOpDense, RunRecord, StackShape, random_store, run_replay,
@@ -424,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     real = real_kernel_overhead(args, real_stack)
     print("(c) CPU tier in the runtime (stock) vs bare kernel call", flush=True)
     tier = cpu_tier_vs_bare(args, real_stack, bw)
+    print("(d) GGUF slot copies: host work before the DMA vs a memcpy of the same bytes", flush=True)
+    gguf = measure_gguf_copy(repeats=5 if args.quick else 20)
+    for t in ("Q4_K", "Q8_0"):
+        g = gguf[t]
+        print(f"  {t}: {g['bytes_per_expert'] / 2**20:.2f} MiB per expert, prepare {g['prepare_us']:.1f} us, "
+              f"memcpy {g['memcpy_us']:.1f} us (host dequantization before: {g['dequant_us_host_path_before']:.0f} us)",
+              flush=True)
 
     result = {
         **provenance(profile=args.profile, seed=args.seed),
@@ -452,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "hotspots": {"strategy": args.profile_strategy, "kernels": "trivial", "gpu_tier": GPU_TIER, "top": hot},
         "real_kernels_per_decode_layer": real,
         "cpu_tier_vs_bare": tier,
+        "gguf_copy": gguf,
         "goals": goals(host, routed_only, tier, args.profile),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }

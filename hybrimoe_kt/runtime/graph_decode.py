@@ -32,8 +32,10 @@ from hybrimoe_kt.runtime.slots import SlotPool
 SharedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def graph_unsupported(tier: Tier, backends: Sequence[object]) -> Optional[str]:
-    """Why decode steps on ``tier`` with these CPU backends cannot be captured (None: they can)."""
+def graph_unsupported(tier: Tier, backends: Sequence[object], slot_format: str = "bf16") -> Optional[str]:
+    """Why decode steps on ``tier`` with these CPU backends and slots cannot be captured (None: they can)."""
+    if slot_format == "gguf":
+        return "GGUF expert slots have no graph-safe (Triton) kernel yet"
     if not tier.is_cuda:
         return f"the GPU tier is {tier.label}, not a CUDA device"
     if not triton_available(tier.device):

@@ -202,13 +202,14 @@ def trivial_kernels(moe: HybridMoE) -> Iterator[None]:
     moe._triton = None  # the CUDA decode path's Triton kernel: a no-op too (through gpu_noop)
     saved = [(b, b.__dict__.get("submit"), b.__dict__.get("sync")) for b in moe.cpu]
     weights = moe.pool.weights
-    saved_write = weights.__dict__.get("write_packed")
+    write_name = "write_blocks" if weights.fmt == "gguf" else "write_packed"  # the slot copy
+    saved_write = weights.__dict__.get(write_name)
     moe_module.gpu_experts_forward = gpu_noop  # type: ignore[assignment]  # the decode lookup path
     plan_module.gpu_experts_forward = gpu_noop  # type: ignore[assignment]  # the per-layer plan path
     for b in moe.cpu:
         b.submit = lambda *a, **k: None  # type: ignore[method-assign]
         b.sync = lambda: None  # type: ignore[method-assign]
-    weights.write_packed = lambda *a, **k: None  # type: ignore[method-assign]
+    setattr(weights, write_name, lambda *a, **k: None)
     try:
         yield
     finally:
@@ -222,6 +223,6 @@ def trivial_kernels(moe: HybridMoE) -> Iterator[None]:
                 else:
                     setattr(b, name, orig)
         if saved_write is None:
-            del weights.write_packed
+            delattr(weights, write_name)
         else:
-            weights.write_packed = saved_write  # type: ignore[method-assign]
+            setattr(weights, write_name, saved_write)

@@ -113,7 +113,8 @@ class HybridMoE:
         self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
         self._tier_cpu = tier.device.type == "cpu"  # the CPU stand-in: no device moves
         self._tiers = Tiers(tier, self.cpu, store.hidden, self._to_host, self._real)
-        self._triton = triton_experts_forward if tier.is_cuda and triton_available(tier.device) else None
+        self._triton = (triton_experts_forward if tier.is_cuda and self.pool.weights.fmt != "gguf"
+                        and triton_available(tier.device) else None)  # no Triton kernel for GGUF slots yet
         self._prefill = False               # the current forward's phase
         self._phase_given: Optional[bool] = None
         self._upkept = False                # begin_forward() already ran the step upkeep

@@ -42,8 +42,10 @@ class SlotPool:
             raise ValueError(f"slot format {fmt!r} is not supported by the runtime yet; use bf16")
         self.tier, self.store = tier, store
         self.n_slots, self.n_scratch = n_slots, n_scratch
-        self.weights = SlotWeights.allocate(n_slots + n_scratch, store.hidden, store.intermediate, fmt,
-                                            tier.device)
+        make = getattr(store, "make_slots", None)  # a GGUF store: slots hold its raw blocks
+        self.weights = (make(n_slots + n_scratch, tier.device) if make is not None else
+                        SlotWeights.allocate(n_slots + n_scratch, store.hidden, store.intermediate, fmt,
+                                             tier.device))
         self.table: dict[ExpertId, int] = {}
         self.free: list[int] = list(range(n_slots - 1, -1, -1))  # pop() gives the lowest slot first
         self.copy_done: list[Optional[Event]] = [None] * (n_slots + n_scratch)
@@ -107,7 +109,11 @@ class SlotPool:
     def _copy(self, eid: ExpertId, s: int) -> None:
         layer, e = eid
         self.store.check(layer, e)
-        packed = quantize_expert(*self.store.expert(layer, e), self.weights.fmt)  # bf16 store: views
+        gguf = self.weights.fmt == "gguf"  # raw blocks, copied unchanged; else packed on the host
+        if gguf:
+            types, blocks = self.store.expert_blocks(layer, e)
+        else:
+            packed = quantize_expert(*self.store.expert(layer, e), self.weights.fmt)  # bf16 store: views
         tier = self.tier
         with tier.copying():
             prev = self.last_read[s]
@@ -115,7 +121,10 @@ class SlotPool:
                 tier.wait_on_copy_stream(prev)
             if self._barrier is not None:
                 tier.wait_on_copy_stream(self._barrier)
-            self.weights.write_packed(s, packed, non_blocking=tier.is_cuda)
+            if gguf:
+                self.weights.write_blocks(s, types, blocks, non_blocking=tier.is_cuda)
+            else:
+                self.weights.write_packed(s, packed, non_blocking=tier.is_cuda)
             self.copy_done[s] = tier.record_on_copy()
         self.copies += 1
         self.bytes_copied += self.store.expert_bytes()

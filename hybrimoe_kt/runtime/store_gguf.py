@@ -1,13 +1,15 @@
 """Host expert store for GGUF models: routed experts kept as quantized GGUF blocks.
 
 The CPU kernels read the blocks directly (kt-kernel's llamafile MoE for Q4_K/Q5_K/Q6_K/Q8_0, a torch
-fallback otherwise), so the host holds each expert once, quantized. A GPU slot holds bf16 weights: an
-admitted expert is dequantized on the host when it is copied (``expert``), costing host time per copy
-but no second resident host copy; copies move bf16 bytes (``expert_bytes``).
+fallback otherwise), so the host holds each expert once, quantized. A GPU slot holds the same blocks
+(``kernels.gguf_slots``): a slot copy moves the expert's bytes unchanged (``expert_blocks``, views of
+the store: nothing is dequantized or copied on the host), and the GPU kernels dequantize the slot.
+``expert_bytes`` is a slot's size on the device; ``expert`` (bf16 weights) serves references.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -15,6 +17,7 @@ import torch
 from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend
 from hybrimoe_kt.kernels.cpu_gguf_factory import make_gguf_cpu_backend
 from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts
+from hybrimoe_kt.kernels.gguf_slots import GgufSlotWeights, row_bytes
 
 
 class GgufExpertStore:
@@ -40,9 +43,28 @@ class GgufExpertStore:
         return make_gguf_cpu_backend(kind, self.layers[layer], layer, n_threads, top_k=top_k,
                                      max_len=max_len, pool=pool)
 
+    def expert_blocks(self, layer: int, e: int) -> tuple[tuple[str, str, str], tuple[torch.Tensor, ...]]:
+        """One expert's raw blocks as the store holds them: the three projections' GGUF types and
+        uint8 ``[rows, row bytes]`` views (no copy)."""
+        lx = self.layers[layer]
+        projs = (lx.gate, lx.up, lx.down)
+        with warnings.catch_warnings():  # a memory-mapped file is read-only; the views are only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            blocks = tuple(torch.from_numpy(t.data[e]) for t in projs)
+        return tuple(t.type_name for t in projs), blocks  # type: ignore[return-value]
+
+    def slot_types(self) -> list[set[str]]:
+        """Per projection (gate, up, down), the GGUF types it has in any layer."""
+        return [{getattr(lx, p).type_name for lx in self.layers} for p in ("gate", "up", "down")]
+
+    def make_slots(self, n_slots: int, device: torch.device | str) -> GgufSlotWeights:
+        return GgufSlotWeights(n_slots, self.hidden, self.intermediate, self.slot_types(), device)
+
     def expert_bytes(self) -> int:
-        """Bytes one slot copy moves (bf16 after dequantization)."""
-        return 3 * self.hidden * self.intermediate * 2
+        """Bytes one GPU slot holds (raw blocks, each projection at its widest type in the file)."""
+        widths = [max(row_bytes(t, n_in) for t in types)
+                  for types, n_in in zip(self.slot_types(), (self.hidden, self.hidden, self.intermediate))]
+        return self.intermediate * (widths[0] + widths[1]) + self.hidden * widths[2]
 
     def quantized_bytes(self) -> int:
         return sum(t.data.nbytes for lx in self.layers for t in (lx.gate, lx.up, lx.down))

@@ -54,3 +54,10 @@ def test_quick_bench_writes_host_overhead_goals_and_cpu_tier(tmp_path: Path) -> 
     rows = report["cpu_tier_vs_bare"]
     assert [r["tokens"] for r in rows] == [1, 4, 16, 64]
     assert all(r["runtime_ms"] > 0 and r["bare_ms"] > 0 for r in rows)
+
+    gguf = report["gguf_copy"]
+    for t in ("Q4_K", "Q8_0"):
+        g = gguf[t]
+        assert g["bytes_per_expert"] < g["bf16_bytes_per_expert"]  # slots move the quantized bytes
+        assert g["prepare_us"] > 0 and g["memcpy_us"] > 0 and isinstance(g["goal_prepare_le_2x_memcpy"], bool)
+        assert g["store_host_bytes_over_expert_bytes"] <= 1.05  # one host copy
