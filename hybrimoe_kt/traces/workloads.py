@@ -54,6 +54,8 @@ WORKLOADS: Mapping[str, Workload] = {
                             description="batch 1, prompt 32, output 512 (kTransformers SOSP'25)"),
     "dali-64-64": Workload("dali-64-64", (64,), 64, (1, 8, 32), groups=2,
                            description="prompt 64, output 64, batches 1/8/32 (DALI, batched decode)"),
+    "prefill-sweep": Workload("prefill-sweep", (32, 512, 2048, 8192), 4, (1,), groups=2,
+                              description="prompts of 32/512/2K/8K tokens, output 4 (prefill by length)"),
     "long-prefill": Workload("long-prefill", (1024, 4096, 16384), 16, (1,), groups=2,
                              description="prompts of 1K/4K/16K tokens, output 16 (prefill bound)"),
 }

@@ -20,7 +20,9 @@ EXPECTED = {  # (prompt, output, batch) of every trace, in preset order
     "chat-32-512": [(32, 512, 1)],
     "dali-64-64": [(64, 64, 1), (64, 64, 8), (64, 64, 32)],
     "long-prefill": [(1024, 16, 1), (4096, 16, 1), (16384, 16, 1)],
+    "prefill-sweep": [(32, 4, 1), (512, 4, 1), (2048, 4, 1), (8192, 4, 1)],
 }
+assert set(EXPECTED) == set(WORKLOADS)
 
 
 def per_request(trace: Trace) -> dict[int, tuple[int, int]]:
