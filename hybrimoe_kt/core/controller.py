@@ -80,7 +80,9 @@ class Controller:
         if self._step and not is_prefill:
             return self._decide_visible(routing, now)
         pol, cache, layer = self.policies, self.cache, routing.layer
-        if self.spec.uses_gpu_cache:  # without a GPU cache there is nothing to rank or admit
+        # without a GPU cache there is nothing to rank or admit; a step-cadence strategy may learn its
+        # scores from decode steps only (a prompt's routing is a different distribution)
+        if self.spec.uses_gpu_cache and (self.spec.learn_from_prefill or not (self._step and is_prefill)):
             pol.eviction.on_route(routing)
             pol.admission.observe(routing)
         h, lh, m = cache.account(layer, routing.experts, now)
