@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from hybrimoe_kt.core.cache import CacheFull, ExpertCache
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
+from hybrimoe_kt.core.schedulers.prefill_choice import choose_prefill
 from hybrimoe_kt.core.strategies import Policies
 from hybrimoe_kt.core.types import EMPTY_BACKGROUND, BackgroundPlan, ExpertId, LayerRouting, Plan
 from hybrimoe_kt.core.upkeep import EMPTY_UPKEEP, StepRouting, UpkeepPlan
@@ -88,8 +89,10 @@ class Controller:
         h, lh, m = cache.account(layer, routing.experts, now)
         in_use = {(layer, e) for e in routing.experts}
         ready = cache.in_flight(layer, now)
-        split = pol.scheduler.plan(routing, cache.resident(layer), self.cost, ready,
-                                   max(0.0, self.copy_free_at - now), gpu_free)
+        copy_free = max(0.0, self.copy_free_at - now)
+        split = pol.scheduler.plan(routing, cache.resident(layer), self.cost, ready, copy_free, gpu_free)
+        if is_prefill and self.spec.prefill_contention and not self._free:  # copies slow the CPU tier
+            split = choose_prefill(split, routing, cache.resident(layer), self.cost, ready, copy_free, gpu_free)
         evictions: list[ExpertId] = []
         landing: dict[int, float] = {}
         streamed: list[int] = []

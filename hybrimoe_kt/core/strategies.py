@@ -49,6 +49,8 @@ class StrategySpec:
     step_copy_budget: float = 1.0       # step cadence: upkeep copies may book the queue this many steps
     swap_depth: int = 8                 # step cadence: swaps considered per pool and upkeep
     learn_from_prefill: bool = True     # step cadence: prefill routing updates the scores too
+    prefill_contention: bool = False    # prefill: keep the split without copies when the copies' pull on
+                                        # host memory would cost the CPU tier more (schedulers.prefill_choice)
     free_transfers: bool = False        # bound only: copies take no time and no queue
     uses_gpu_cache: bool = True
     clairvoyant: bool = False           # needs the future (a bound, not a deployable policy)
@@ -97,10 +99,11 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  "step the cache swaps in the experts whose expected extra hits (over 32 tokens) exceed 4 "
                  "copies' worth of host-memory reads (MRS ranks the residents, a reuse rate prices the "
                  "swap), copies booked for about one step; the scores learn from decode steps only (a "
-                 "prompt's routing is another distribution); prefill: balanced split with demand loads",
+                 "prompt's routing is another distribution); prefill: balanced split with demand loads, or none "
+                 "when the copies' pull on host memory would slow the CPU tier more than they save",
                  "balanced", "mrs", admit_misses=True, admission="expected-reuse", admission_margin=4.0,
                  copy_horizon_layers=4.0, background_in_prefill=False, cadence="step",
-                 learn_from_prefill=False),
+                 learn_from_prefill=False, prefill_contention=True),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,

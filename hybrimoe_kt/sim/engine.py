@@ -34,6 +34,7 @@ from hybrimoe_kt.core.controller import Controller
 from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.host import ZERO_HOST, HostTime
 from hybrimoe_kt.core.protocols import Clock
+from hybrimoe_kt.core.schedulers.prefill_choice import contended_cpu_time
 from hybrimoe_kt.core.strategies import Policies
 from hybrimoe_kt.core.types import LayerRouting
 from hybrimoe_kt.core.upkeep import StepRouting
@@ -165,12 +166,7 @@ class _Replay:
 
     def cpu_tier(self, experts: Sequence[int], tokens: Mapping[int, int], copy_busy: float) -> float:
         """The CPU tier's time, slowed while the copy queue reads host memory."""
-        if not experts:
-            return 0.0
-        cost = self.cost
-        est = cost.cpu_call + sum(cost.cpu_expert(tokens[e]) for e in experts)
-        frac = min(1.0, max(0.0, copy_busy) / est) if est > 0 and not self.free else 0.0
-        return cost.cpu_call + sum(cost.cpu_expert_contended(tokens[e], frac) for e in experts)
+        return contended_cpu_time([tokens[e] for e in experts], self.cost, 0.0 if self.free else copy_busy)
 
     def gpu_tier(self, experts: Sequence[int], tokens: Mapping[int, int], d, shared: float) -> tuple[float, float]:
         """Shared experts, then routed experts as their weights become available: ``(end, busy)``."""
