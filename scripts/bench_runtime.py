@@ -244,17 +244,6 @@ def real_kernel_overhead(args: argparse.Namespace, stack: Stack) -> dict[str, An
 # (c) CPU tier vs bare kt-kernel
 
 
-def torch_read_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Single-thread read bandwidth of a torch reduction over ``nbytes`` (best of ``repeats``)."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
-
-
 def bare_call(backend: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
     """The kernel call without the runtime: kt-kernel's task submit + sync (no checks, no wrappers)."""
     if backend.name != "kt-kernel":
@@ -405,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     busy = busy_cpus()
     print(f"busy CPUs before the run (other processes): {busy}", flush=True)
-    bw_np, bw_torch = read_bandwidth_gbs(), torch_read_gbs()
+    bw_np, bw_torch = read_bandwidth_gbs(), read_bandwidth_gbs(lib="torch")
     bw = max(bw_np, bw_torch)
     print(f"read bandwidth (1 thread): numpy {bw_np:.1f} GB/s, torch {bw_torch:.1f} GB/s", flush=True)
 

@@ -75,9 +75,17 @@ class CalibrationResult:
     raw: list[dict[str, Any]] = field(default_factory=list)
 
 
-def read_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Single-thread streaming read bandwidth (numpy sum over a buffer much larger than the caches)."""
-    buf = np.ones(nbytes // 8, dtype=np.float64)
+def read_bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 5, lib: str = "numpy") -> float:
+    """Single-thread streaming read bandwidth: the best of ``repeats`` sums over a buffer much larger than
+    the caches, with numpy (``lib="numpy"``) or torch (``"torch"``)."""
+    if lib == "torch":
+        import torch
+
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    elif lib == "numpy":
+        buf = np.ones(nbytes // 8, dtype=np.float64)
+    else:
+        raise ValueError(f"lib must be numpy or torch, got {lib!r}")
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
