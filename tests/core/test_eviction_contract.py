@@ -215,7 +215,7 @@ def test_contract_fixed_trace(name: str, layout: str) -> None:
     top_k=st.integers(1, 3),
     n_forwards=st.integers(1, 12),
     prefill_rows=st.integers(1, 6),
-    fill=st.floats(0.0, 1.0),
+    fill=st.floats(0.0, 1.0, allow_subnormal=False),  # order-proof: a loaded kt-kernel sets flush-to-zero
 )
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(FACTORIES))
