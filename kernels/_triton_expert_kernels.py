@@ -13,7 +13,9 @@ row-major (contiguous along the input dim, so loads coalesce), dequantised in re
 the matching slice of the input vector and reduced over the input dim, in fp32. ``FMT`` selects the
 slot format at compile time: 0 = bf16, 1 = int8 with a per-row scale (applied once after the reduction),
 2 = packed int4 with a per-group scale and offset (``BLOCK_IN`` divides the group, so one scale and one
-offset per row per tile: ``sum_j w_j x_j = scale * sum_j q_j x_j + offset * sum_j x_j``).
+offset per row per tile: ``sum_j w_j x_j = scale * sum_j q_j x_j + offset * sum_j x_j``), 3 = GGUF Q8_0
+rows as the host store holds them (blocks of an fp16 scale and 32 int8 values, ``BLOCK_IN`` = 32: one
+block per tile, its scale applied after the tile's reduction).
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ def matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN,
             sc = tl.load(scale_ptr + g_off, mask=mask_out, other=0.0)
             of = tl.load(offset_ptr + g_off, mask=mask_out, other=0.0)
             acc += qx * sc + of * xsum
+    elif FMT == 3:
+        row_bytes = (IN // 32) * 34
+        base = rows * row_bytes                                             # [BLOCK_OUT] int64
+        for k0 in range(0, IN, 32):
+            blk = base + (k0 // 32) * 34                                    # [BLOCK_OUT] block starts
+            v = tl.load(vec_ptr + k0 + tl.arange(0, 32)).to(tl.float32)     # [32]
+            q = tl.load(w_ptr + blk[:, None] + 2 + tl.arange(0, 32)[None, :], mask=mask_out[:, None],
+                        other=0)                                            # [BLOCK_OUT, 32] uint8
+            q = q.to(tl.int8, bitcast=True).to(tl.float32)
+            lo = tl.load(w_ptr + blk, mask=mask_out, other=0).to(tl.uint16)
+            hi = tl.load(w_ptr + blk + 1, mask=mask_out, other=0).to(tl.uint16)
+            d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)  # [BLOCK_OUT] fp16 scales
+            acc += tl.sum(q * v[None, :], axis=1) * d
     else:
         for k0 in range(0, IN, BLOCK_IN):
             offs_in = k0 + tl.arange(0, BLOCK_IN)                           # [BLOCK_IN]

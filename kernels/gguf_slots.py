@@ -35,6 +35,7 @@ class GgufSlotWeights:
         if n_slots < 1 or hidden < 1 or inter < 1:
             raise ValueError(f"n_slots, hidden and inter must be >= 1, got {n_slots}, {hidden}, {inter}")
         self.n_slots, self.hidden, self.inter = n_slots, hidden, inter
+        types = [list(names) for names in types]
         shapes = ((inter, hidden), (inter, hidden), (hidden, inter))  # (rows, values per row)
         self._rows: list[tuple[int, int]] = []
         self.data: list[torch.Tensor] = []  # per projection: uint8 [S, rows, widest row bytes]
@@ -47,6 +48,9 @@ class GgufSlotWeights:
             self._rows.append((rows, n_in))
             self.data.append(torch.zeros(n_slots, rows, width, dtype=torch.uint8, device=device))
         self.types: list[tuple[str, str, str] | None] = [None] * n_slots  # what each slot holds
+        allowed = [sorted({t.upper() for t in names}) for names in types]
+        # the one type every projection holds, if there is one (the Triton kernel reads Q8_0 slots)
+        self.uniform_type = allowed[0][0] if all(a == allowed[0] and len(a) == 1 for a in allowed) else None
 
     @property
     def device(self) -> torch.device:

@@ -24,7 +24,7 @@ from hybrimoe_kt.kernels.slot_weights import SlotWeights
 
 log = logging.getLogger(__name__)
 
-_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2}
+_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3}  # q8_0: GGUF slots (kernels.gguf_slots)
 
 
 def _interpreting() -> bool:
@@ -58,6 +58,8 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def _block_in(fmt: str, in_dim: int, group: int, cap: int) -> int:
+    if fmt == "gguf":  # Q8_0: one block of 32 values per tile
+        return 32
     if fmt == "int4":  # a power of two dividing the group, so one scale per row per tile
         b = 2
         while b * 2 <= cap and group % (b * 2) == 0:
@@ -73,8 +75,11 @@ def _next_pow2(n: int) -> int:
     return p
 
 
-def _args(q: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """(data, scale, offset, per-slot data stride, per-slot scale stride); unused pointers repeat data."""
+def _args(q: QuantTensor | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(data, scale, offset, per-slot data stride, per-slot scale stride); unused pointers repeat data.
+    A plain tensor is a GGUF slot projection (its scales live in its blocks)."""
+    if isinstance(q, torch.Tensor):
+        return q, q, q, q.stride(0), 0
     scale = q.scale if q.scale is not None else q.data
     offset = q.offset if q.offset is not None else scale
     s_stride = q.scale.stride(0) if q.scale is not None else 0
@@ -93,6 +98,8 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     if not triton_available(x.device):
         raise RuntimeError(f"triton cannot run on {x.device}: install triton, and for CPU tensors set "
                            "TRITON_INTERPRET=1 before the first call")
+    if slots.fmt == "gguf" and getattr(slots, "uniform_type", None) != "Q8_0":
+        raise ValueError("the Triton kernel reads GGUF slots only when every projection is Q8_0")
     n, k = slot_ids.shape
     hidden, inter = slots.hidden, slots.inter
     if out is None:
@@ -104,7 +111,7 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     if k == 0:
         return out.zero_()
     kern = _kernels()
-    fmt = _FMT_CODE[slots.fmt]
+    fmt = _FMT_CODE["q8_0" if slots.fmt == "gguf" else slots.fmt]
     cap = block_in or 128
     bo = block_out or (32 if x.device.type == "cuda" else 128)
     g_h = int4_group(hidden, slots.group) if slots.fmt == "int4" else 1
@@ -113,12 +120,13 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     ids = slot_ids.to(torch.int32).contiguous()                           # [N, K]
     w = weights.to(torch.float32).contiguous()                            # [N, K]
     act = torch.empty(n * k, inter, dtype=torch.float32, device=x.device)  # [N*K, I]
-    wg, sg, og, w_stride, s_stride = _args(slots.gate)
-    wu, su, ou, _, _ = _args(slots.up)
+    gate, up, down = slots.data if slots.fmt == "gguf" else (slots.gate, slots.up, slots.down)
+    wg, sg, og, w_stride, s_stride = _args(gate)
+    wu, su, ou, _, _ = _args(up)
     kern.gate_up_kernel[(n * k, -(-inter // bo))](
         xc, ids, act, wg, sg, og, wu, su, ou, hidden, inter, k, w_stride, s_stride,
         FMT=fmt, GROUP=g_h, BLOCK_OUT=bo, BLOCK_IN=_block_in(slots.fmt, hidden, g_h, cap))
-    wd, sd, od, wd_stride, sd_stride = _args(slots.down)
+    wd, sd, od, wd_stride, sd_stride = _args(down)
     kern.down_kernel[(n, -(-hidden // bo))](
         act, ids, w, out, wd, sd, od, hidden, inter, k, wd_stride, sd_stride,
         FMT=fmt, GROUP=g_i, BLOCK_OUT=bo, BLOCK_IN=_block_in(slots.fmt, inter, g_i, cap))

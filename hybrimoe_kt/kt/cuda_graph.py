@@ -40,7 +40,7 @@ def graph_support(hm: Any) -> Optional[str]:
         return None
     if rt._cadence is None:
         return f"strategy {rt.spec.name} decides per layer in decode"
-    return graph_unsupported(rt.tier, rt.cpu, rt.pool.weights.fmt)
+    return graph_unsupported(rt.tier, rt.cpu, rt.pool.weights)
 
 
 class GraphedDecoder:

@@ -32,10 +32,15 @@ from hybrimoe_kt.runtime.slots import SlotPool
 SharedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def graph_unsupported(tier: Tier, backends: Sequence[object], slot_format: str = "bf16") -> Optional[str]:
+def triton_reads(slots: object) -> bool:
+    """Whether the Triton expert kernel reads this slot format (GGUF slots: only all-Q8_0 ones)."""
+    return getattr(slots, "fmt", "bf16") != "gguf" or getattr(slots, "uniform_type", None) == "Q8_0"
+
+
+def graph_unsupported(tier: Tier, backends: Sequence[object], slots: object = None) -> Optional[str]:
     """Why decode steps on ``tier`` with these CPU backends and slots cannot be captured (None: they can)."""
-    if slot_format == "gguf":
-        return "GGUF expert slots have no graph-safe (Triton) kernel yet"
+    if slots is not None and not triton_reads(slots):
+        return "these GGUF expert slots have no graph-safe (Triton) kernel yet (only all-Q8_0 slots do)"
     if not tier.is_cuda:
         return f"the GPU tier is {tier.label}, not a CUDA device"
     if not triton_available(tier.device):

@@ -39,7 +39,7 @@ from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
 from hybrimoe_kt.runtime.device import Tier, real_host
-from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode
+from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode, triton_reads
 from hybrimoe_kt.runtime.layer_plan import dispatch_plan
 from hybrimoe_kt.runtime.routing_io import check_call, route_to_host, to_host, to_host_placeholder
 from hybrimoe_kt.runtime.slots import SlotPool
@@ -113,8 +113,8 @@ class HybridMoE:
         self._slot_lut = np.full(n_experts, -1, dtype=np.int64)  # host [E]: expert -> slot this call
         self._tier_cpu = tier.device.type == "cpu"  # the CPU stand-in: no device moves
         self._tiers = Tiers(tier, self.cpu, store.hidden, self._to_host, self._real)
-        self._triton = (triton_experts_forward if tier.is_cuda and self.pool.weights.fmt != "gguf"
-                        and triton_available(tier.device) else None)  # no Triton kernel for GGUF slots yet
+        self._triton = (triton_experts_forward if tier.is_cuda and triton_reads(self.pool.weights)
+                        and triton_available(tier.device) else None)
         self._prefill = False               # the current forward's phase
         self._phase_given: Optional[bool] = None
         self._upkept = False                # begin_forward() already ran the step upkeep

@@ -3,13 +3,17 @@ reference on the store's dequantized weights, per GGUF type and token count."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts
-from hybrimoe_kt.kernels.gguf_torch import GGUF_SLOT_TYPES
-from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
-from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernel on CPU tensors (before it is built)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts  # noqa: E402
+from hybrimoe_kt.kernels.gguf_torch import GGUF_SLOT_TYPES  # noqa: E402
+from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward  # noqa: E402
+from hybrimoe_kt.runtime.store_gguf import GgufExpertStore  # noqa: E402
 
 E, H, I, K = 4, 256, 512, 2
 
@@ -41,4 +45,28 @@ def test_gguf_slot_kernel_matches_reference(type_name: str, n: int) -> None:
     sid = torch.tensor(slot_of, dtype=torch.int32)[experts]
     got = gpu_experts_forward(x, sid, w, slots, active_slots=sorted(set(sid.flatten().tolist())))
     ref = reference(store, x, experts, w)
+    assert float((got - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_triton_reads_q8_0_slots(n: int) -> None:
+    from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
+
+    if not triton_available("cpu"):
+        pytest.skip("triton is not installed or TRITON_INTERPRET is not set (CPU tensors need the interpreter)")
+    gen = torch.Generator().manual_seed(6)
+    h, i = 64, 96  # small: the interpreter is slow
+    g, u = (torch.randn(E, i, h, generator=gen) * h ** -0.5 for _ in range(2))
+    d = torch.randn(E, h, i, generator=gen) * i ** -0.5
+    store = GgufExpertStore(GgufExperts({0: GgufLayerExperts.quantize(g, u, d, ("Q8_0",) * 3)}))
+    slots = store.make_slots(E, "cpu")
+    assert slots.uniform_type == "Q8_0"
+    for e in range(E):
+        slots.write_blocks(e, *store.expert_blocks(0, e))
+    sid = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(n)]).to(torch.int32)
+    sid[0, 1] = -1  # a pair the CPU serves
+    w = torch.softmax(torch.randn(n, K, generator=gen), -1)
+    x = torch.randn(n, h, generator=gen).to(torch.bfloat16)
+    got = triton_experts_forward(x, sid, w, slots)
+    ref = gpu_experts_forward(x, sid, w, slots, active_slots=sorted({s for s in sid.flatten().tolist() if s >= 0}))
     assert float((got - ref).norm() / ref.norm()) < 2e-2
