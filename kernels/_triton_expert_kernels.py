@@ -15,7 +15,9 @@ slot format at compile time: 0 = bf16, 1 = int8 with a per-row scale (applied on
 2 = packed int4 with a per-group scale and offset (``BLOCK_IN`` divides the group, so one scale and one
 offset per row per tile: ``sum_j w_j x_j = scale * sum_j q_j x_j + offset * sum_j x_j``), 3 = GGUF Q8_0
 rows as the host store holds them (blocks of an fp16 scale and 32 int8 values, ``BLOCK_IN`` = 32: one
-block per tile, its scale applied after the tile's reduction).
+block per tile, its scale applied after the tile's reduction), 4 = GGUF Q4_K rows (super-blocks of 256
+values, 144 bytes: fp16 d and dmin, twelve bytes of 6-bit sub-block scales and mins, 128 bytes of
+nibbles; ``BLOCK_IN`` = 32: one sub-block per tile, ``sum_j w_j x_j = d sc sum_j q_j x_j - dmin m sum_j x_j``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,31 @@ def matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN,
             hi = tl.load(w_ptr + blk + 1, mask=mask_out, other=0).to(tl.uint16)
             d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)  # [BLOCK_OUT] fp16 scales
             acc += tl.sum(q * v[None, :], axis=1) * d
+    elif FMT == 4:
+        row_bytes = (IN // 256) * 144
+        base = rows * row_bytes                                             # [BLOCK_OUT] int64
+        for k0 in range(0, IN, 32):
+            sb = base + (k0 // 256) * 144                                   # [BLOCK_OUT] super-block starts
+            j = (k0 % 256) // 32                                            # sub-block 0..7
+            v = tl.load(vec_ptr + k0 + tl.arange(0, 32)).to(tl.float32)     # [32]
+            qb = tl.load(w_ptr + sb[:, None] + 16 + (j // 2) * 32 + tl.arange(0, 32)[None, :],
+                         mask=mask_out[:, None], other=0).to(tl.int32)      # [BLOCK_OUT, 32]
+            q = tl.where(j % 2 == 0, qb & 0xF, qb >> 4).to(tl.float32)
+            lo = j < 4
+            ja = tl.where(lo, j, j + 4)       # byte holding sc's low bits (and m's for j >= 4)
+            jb = tl.where(lo, j + 4, j - 4)   # byte holding m's low bits (j < 4) or sc's high bits
+            a = tl.load(w_ptr + sb + 4 + ja, mask=mask_out, other=0).to(tl.int32)
+            b = tl.load(w_ptr + sb + 4 + jb, mask=mask_out, other=0).to(tl.int32)
+            c = tl.load(w_ptr + sb + 4 + j, mask=mask_out, other=0).to(tl.int32)  # m's high bits (j >= 4)
+            sc = tl.where(lo, a & 63, (a & 0xF) | ((b >> 6) << 4)).to(tl.float32)
+            mn = tl.where(lo, b & 63, (a >> 4) | ((c >> 6) << 4)).to(tl.float32)
+            d0 = tl.load(w_ptr + sb, mask=mask_out, other=0).to(tl.uint16)
+            d1 = tl.load(w_ptr + sb + 1, mask=mask_out, other=0).to(tl.uint16)
+            m0 = tl.load(w_ptr + sb + 2, mask=mask_out, other=0).to(tl.uint16)
+            m1 = tl.load(w_ptr + sb + 3, mask=mask_out, other=0).to(tl.uint16)
+            d = (d0 | (d1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = (m0 | (m1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+            acc += d * sc * tl.sum(q * v[None, :], axis=1) - dmin * mn * tl.sum(v, axis=0)
     else:
         for k0 in range(0, IN, BLOCK_IN):
             offs_in = k0 + tl.arange(0, BLOCK_IN)                           # [BLOCK_IN]

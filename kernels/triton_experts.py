@@ -24,7 +24,8 @@ from hybrimoe_kt.kernels.slot_weights import SlotWeights
 
 log = logging.getLogger(__name__)
 
-_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3}  # q8_0: GGUF slots (kernels.gguf_slots)
+_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_k": 4}  # q8_0, q4_k: GGUF slots (gguf_slots)
+TRITON_GGUF_TYPES = ("Q8_0", "Q4_K")
 
 
 def _interpreting() -> bool:
@@ -58,7 +59,7 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def _block_in(fmt: str, in_dim: int, group: int, cap: int) -> int:
-    if fmt == "gguf":  # Q8_0: one block of 32 values per tile
+    if fmt == "gguf":  # Q8_0: one block of 32 values per tile; Q4_K: one sub-block
         return 32
     if fmt == "int4":  # a power of two dividing the group, so one scale per row per tile
         b = 2
@@ -98,8 +99,10 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     if not triton_available(x.device):
         raise RuntimeError(f"triton cannot run on {x.device}: install triton, and for CPU tensors set "
                            "TRITON_INTERPRET=1 before the first call")
-    if slots.fmt == "gguf" and getattr(slots, "uniform_type", None) != "Q8_0":
-        raise ValueError("the Triton kernel reads GGUF slots only when every projection is Q8_0")
+    gguf = getattr(slots, "uniform_type", None) if slots.fmt == "gguf" else None
+    if slots.fmt == "gguf" and gguf not in TRITON_GGUF_TYPES:
+        raise ValueError(f"the Triton kernel reads GGUF slots only when every projection has one type of "
+                         f"{', '.join(TRITON_GGUF_TYPES)}")
     n, k = slot_ids.shape
     hidden, inter = slots.hidden, slots.inter
     if out is None:
@@ -111,7 +114,7 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     if k == 0:
         return out.zero_()
     kern = _kernels()
-    fmt = _FMT_CODE["q8_0" if slots.fmt == "gguf" else slots.fmt]
+    fmt = _FMT_CODE[gguf.lower() if gguf else slots.fmt]
     cap = block_in or 128
     bo = block_out or (32 if x.device.type == "cuda" else 128)
     g_h = int4_group(hidden, slots.group) if slots.fmt == "int4" else 1

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
-from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
+from hybrimoe_kt.kernels.triton_experts import TRITON_GGUF_TYPES, triton_available, triton_experts_forward
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.slots import SlotPool
 
@@ -33,14 +33,15 @@ SharedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def triton_reads(slots: object) -> bool:
-    """Whether the Triton expert kernel reads this slot format (GGUF slots: only all-Q8_0 ones)."""
-    return getattr(slots, "fmt", "bf16") != "gguf" or getattr(slots, "uniform_type", None) == "Q8_0"
+    """Whether the Triton expert kernel reads this slot format (GGUF slots: one type it reads throughout)."""
+    return getattr(slots, "fmt", "bf16") != "gguf" or getattr(slots, "uniform_type", None) in TRITON_GGUF_TYPES
 
 
 def graph_unsupported(tier: Tier, backends: Sequence[object], slots: object = None) -> Optional[str]:
     """Why decode steps on ``tier`` with these CPU backends and slots cannot be captured (None: they can)."""
     if slots is not None and not triton_reads(slots):
-        return "these GGUF expert slots have no graph-safe (Triton) kernel yet (only all-Q8_0 slots do)"
+        return ("these GGUF expert slots have no graph-safe (Triton) kernel yet (only slots of one type, "
+                f"{' or '.join(TRITON_GGUF_TYPES)}, do)")
     if not tier.is_cuda:
         return f"the GPU tier is {tier.label}, not a CUDA device"
     if not triton_available(tier.device):

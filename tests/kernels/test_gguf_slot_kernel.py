@@ -48,19 +48,20 @@ def test_gguf_slot_kernel_matches_reference(type_name: str, n: int) -> None:
     assert float((got - ref).norm() / ref.norm()) < 2e-2
 
 
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K"])
 @pytest.mark.parametrize("n", [1, 4])
-def test_triton_reads_q8_0_slots(n: int) -> None:
+def test_triton_reads_gguf_slots(type_name: str, n: int) -> None:
     from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
 
     if not triton_available("cpu"):
         pytest.skip("triton is not installed or TRITON_INTERPRET is not set (CPU tensors need the interpreter)")
     gen = torch.Generator().manual_seed(6)
-    h, i = 64, 96  # small: the interpreter is slow
+    h, i = 256, 256  # small (the interpreter is slow), whole Q4_K super-blocks
     g, u = (torch.randn(E, i, h, generator=gen) * h ** -0.5 for _ in range(2))
     d = torch.randn(E, h, i, generator=gen) * i ** -0.5
-    store = GgufExpertStore(GgufExperts({0: GgufLayerExperts.quantize(g, u, d, ("Q8_0",) * 3)}))
+    store = GgufExpertStore(GgufExperts({0: GgufLayerExperts.quantize(g, u, d, (type_name,) * 3)}))
     slots = store.make_slots(E, "cpu")
-    assert slots.uniform_type == "Q8_0"
+    assert slots.uniform_type == type_name
     for e in range(E):
         slots.write_blocks(e, *store.expert_blocks(0, e))
     sid = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(n)]).to(torch.int32)
