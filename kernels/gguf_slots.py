@@ -16,6 +16,7 @@ import torch
 from hybrimoe_kt.kernels.gguf_torch import BLOCK_BYTES, dequantize
 
 PROJECTIONS = ("gate", "up", "down")
+TYPE_CODES = {"Q8_0": 3, "Q4_K": 4, "Q6_K": 5}  # the Triton kernel's formats (kernels/_triton_expert_kernels.py)
 
 
 def row_bytes(type_name: str, n_values: int) -> int:
@@ -49,8 +50,15 @@ class GgufSlotWeights:
             self.data.append(torch.zeros(n_slots, rows, width, dtype=torch.uint8, device=device))
         self.types: list[tuple[str, str, str] | None] = [None] * n_slots  # what each slot holds
         allowed = [sorted({t.upper() for t in names}) for names in types]
+        self._allowed = allowed
+        # per projection and slot, the type code the Triton kernel dispatches on (0: empty or none)
+        self.codes = torch.zeros(3, n_slots, dtype=torch.int32, device=device)
         # the one type every projection holds, if there is one (the Triton kernel reads Q8_0 slots)
         self.uniform_type = allowed[0][0] if all(a == allowed[0] and len(a) == 1 for a in allowed) else None
+
+    def all_types_in(self, names: Sequence[str]) -> bool:
+        """Whether every type these slots may hold is one of ``names``."""
+        return all(t in names for a in self._allowed for t in a)
 
     @property
     def device(self) -> torch.device:
@@ -72,6 +80,8 @@ class GgufSlotWeights:
                 raise ValueError(f"{proj} blocks must be uint8 {want} of a type these slots hold, got "
                                  f"{name} {src.dtype} {tuple(src.shape)}")
             dst[s, :, : want[1]].copy_(src, non_blocking=non_blocking)
+        for p, name in enumerate(names):  # queued after the copy on the same stream
+            self.codes[p, s].fill_(TYPE_CODES.get(name, 0))
         self.types[s] = names  # type: ignore[assignment]
 
     def dequant_slot(self, s: int, dtype: torch.dtype = torch.float32

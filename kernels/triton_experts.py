@@ -24,8 +24,9 @@ from hybrimoe_kt.kernels.slot_weights import SlotWeights
 
 log = logging.getLogger(__name__)
 
-_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_k": 4}  # q8_0, q4_k: GGUF slots (gguf_slots)
-TRITON_GGUF_TYPES = ("Q8_0", "Q4_K")
+_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_k": 4, "q6_k": 5}  # q*: GGUF slots (gguf_slots)
+TRITON_GGUF_TYPES = ("Q8_0", "Q4_K", "Q6_K")
+GGUF_MIXED = 6
 
 
 def _interpreting() -> bool:
@@ -59,7 +60,7 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def _block_in(fmt: str, in_dim: int, group: int, cap: int) -> int:
-    if fmt == "gguf":  # Q8_0: one block of 32 values per tile; Q4_K: one sub-block
+    if fmt == "gguf":  # 32 values per tile: a Q8_0 block, a Q4_K sub-block, a Q6_K quarter half
         return 32
     if fmt == "int4":  # a power of two dividing the group, so one scale per row per tile
         b = 2
@@ -99,10 +100,8 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     if not triton_available(x.device):
         raise RuntimeError(f"triton cannot run on {x.device}: install triton, and for CPU tensors set "
                            "TRITON_INTERPRET=1 before the first call")
-    gguf = getattr(slots, "uniform_type", None) if slots.fmt == "gguf" else None
-    if slots.fmt == "gguf" and gguf not in TRITON_GGUF_TYPES:
-        raise ValueError(f"the Triton kernel reads GGUF slots only when every projection has one type of "
-                         f"{', '.join(TRITON_GGUF_TYPES)}")
+    if slots.fmt == "gguf" and not slots.all_types_in(TRITON_GGUF_TYPES):
+        raise ValueError(f"the Triton kernel reads GGUF slots of {', '.join(TRITON_GGUF_TYPES)} only")
     n, k = slot_ids.shape
     hidden, inter = slots.hidden, slots.inter
     if out is None:
@@ -114,7 +113,10 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     if k == 0:
         return out.zero_()
     kern = _kernels()
-    fmt = _FMT_CODE[gguf.lower() if gguf else slots.fmt]
+    if slots.fmt == "gguf":  # one type throughout: its own format; else dispatch on each slot's types
+        fmt = _FMT_CODE[slots.uniform_type.lower()] if slots.uniform_type else GGUF_MIXED
+    else:
+        fmt = _FMT_CODE[slots.fmt]
     cap = block_in or 128
     bo = block_out or (32 if x.device.type == "cuda" else 128)
     g_h = int4_group(hidden, slots.group) if slots.fmt == "int4" else 1
@@ -123,14 +125,22 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
     ids = slot_ids.to(torch.int32).contiguous()                           # [N, K]
     w = weights.to(torch.float32).contiguous()                            # [N, K]
     act = torch.empty(n * k, inter, dtype=torch.float32, device=x.device)  # [N*K, I]
-    gate, up, down = slots.data if slots.fmt == "gguf" else (slots.gate, slots.up, slots.down)
+    if slots.fmt == "gguf":  # raw blocks; per-slot type codes and row strides (rows at the widest type)
+        gate, up, down = slots.data
+        tg, tu, td = slots.codes
+        rs_g, rs_u, rs_d = gate.stride(1), up.stride(1), down.stride(1)
+    else:
+        gate, up, down = slots.gate, slots.up, slots.down
+        tg = tu = td = ids  # not read
+        rs_g = rs_u = rs_d = 0
     wg, sg, og, w_stride, s_stride = _args(gate)
-    wu, su, ou, _, _ = _args(up)
+    wu, su, ou, wu_stride, _ = _args(up)
     kern.gate_up_kernel[(n * k, -(-inter // bo))](
-        xc, ids, act, wg, sg, og, wu, su, ou, hidden, inter, k, w_stride, s_stride,
+        xc, ids, act, wg, sg, og, wu, su, ou, tg, tu, hidden, inter, k, w_stride, s_stride, rs_g,
+        wu_stride, rs_u,
         FMT=fmt, GROUP=g_h, BLOCK_OUT=bo, BLOCK_IN=_block_in(slots.fmt, hidden, g_h, cap))
     wd, sd, od, wd_stride, sd_stride = _args(down)
     kern.down_kernel[(n, -(-hidden // bo))](
-        act, ids, w, out, wd, sd, od, hidden, inter, k, wd_stride, sd_stride,
+        act, ids, w, out, wd, sd, od, td, hidden, inter, k, wd_stride, sd_stride, rs_d,
         FMT=fmt, GROUP=g_i, BLOCK_OUT=bo, BLOCK_IN=_block_in(slots.fmt, inter, g_i, cap))
     return out

@@ -33,15 +33,17 @@ SharedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def triton_reads(slots: object) -> bool:
-    """Whether the Triton expert kernel reads this slot format (GGUF slots: one type it reads throughout)."""
-    return getattr(slots, "fmt", "bf16") != "gguf" or getattr(slots, "uniform_type", None) in TRITON_GGUF_TYPES
+    """Whether the Triton expert kernel reads this slot format (GGUF slots: every type they may hold)."""
+    if getattr(slots, "fmt", "bf16") != "gguf":
+        return True
+    return slots.all_types_in(TRITON_GGUF_TYPES)  # type: ignore[attr-defined]
 
 
 def graph_unsupported(tier: Tier, backends: Sequence[object], slots: object = None) -> Optional[str]:
     """Why decode steps on ``tier`` with these CPU backends and slots cannot be captured (None: they can)."""
     if slots is not None and not triton_reads(slots):
-        return ("these GGUF expert slots have no graph-safe (Triton) kernel yet (only slots of one type, "
-                f"{' or '.join(TRITON_GGUF_TYPES)}, do)")
+        return (f"these GGUF expert slots hold a type the graph-safe (Triton) kernel does not read yet "
+                f"(it reads {', '.join(TRITON_GGUF_TYPES)})")
     if not tier.is_cuda:
         return f"the GPU tier is {tier.label}, not a CUDA device"
     if not triton_available(tier.device):

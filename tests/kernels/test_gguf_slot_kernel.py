@@ -48,7 +48,7 @@ def test_gguf_slot_kernel_matches_reference(type_name: str, n: int) -> None:
     assert float((got - ref).norm() / ref.norm()) < 2e-2
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("n", [1, 4])
 def test_triton_reads_gguf_slots(type_name: str, n: int) -> None:
     from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
@@ -70,4 +70,30 @@ def test_triton_reads_gguf_slots(type_name: str, n: int) -> None:
     x = torch.randn(n, h, generator=gen).to(torch.bfloat16)
     got = triton_experts_forward(x, sid, w, slots)
     ref = gpu_experts_forward(x, sid, w, slots, active_slots=sorted({s for s in sid.flatten().tolist() if s >= 0}))
+    assert float((got - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_triton_reads_slots_of_mixed_types() -> None:
+    """A Q4_K_M-like pool: down in Q6_K in one layer and Q4_K in the other, gate Q4_K, up Q8_0."""
+    from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
+
+    if not triton_available("cpu"):
+        pytest.skip("triton is not installed or TRITON_INTERPRET is not set (CPU tensors need the interpreter)")
+    gen = torch.Generator().manual_seed(8)
+    h = i = 256
+    layers = {}
+    for layer, down in enumerate(("Q6_K", "Q4_K")):
+        g, u = (torch.randn(E, i, h, generator=gen) * h ** -0.5 for _ in range(2))
+        d = torch.randn(E, h, i, generator=gen) * i ** -0.5
+        layers[layer] = GgufLayerExperts.quantize(g, u, d, ("Q4_K", "Q8_0", down))
+    store = GgufExpertStore(GgufExperts(layers))
+    slots = store.make_slots(4, "cpu")
+    assert slots.uniform_type is None and slots.all_types_in(("Q8_0", "Q4_K", "Q6_K"))
+    for s, (layer, e) in enumerate([(0, 1), (1, 2), (0, 3), (1, 0)]):
+        slots.write_blocks(s, *store.expert_blocks(layer, e))
+    sid = torch.tensor([[0, 1], [2, 3], [1, -1]], dtype=torch.int32)
+    w = torch.softmax(torch.randn(3, K, generator=gen), -1)
+    x = torch.randn(3, h, generator=gen).to(torch.bfloat16)
+    got = triton_experts_forward(x, sid, w, slots)
+    ref = gpu_experts_forward(x, sid, w, slots, active_slots=[0, 1, 2, 3])
     assert float((got - ref).norm() / ref.norm()) < 2e-2
