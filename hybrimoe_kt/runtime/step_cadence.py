@@ -3,8 +3,8 @@ applied between forwards.
 
 Strategies whose decode split is the residency (``StrategySpec.decode_lookup``: no cache, a fixed
 cache, or the step cadence) take this path. Their decode layers do no policy work: ``lookup`` maps the
-routing ids to slots through ``slots`` ([L, E], -1 = served by the CPU kernel) and the CPU backends' masks already hold the
-same residency, so the CPU kernel skips exactly the experts the GPU computes. ``record`` keeps the
+routing ids to slots through ``slots`` ([L, E], -1 = served by the CPU kernel) and the CPU backends'
+masks already hold the same residency, so the CPU kernel skips exactly the experts the GPU computes. ``record`` keeps the
 step's ids and weights. ``between_forwards`` (at a forward's first MoE layer) hands the recorded step
 to ``Controller.upkeep``, applies the plan (a barrier on the compute stream, evictions' slots
 freed, copies queued in order on the copy stream) and publishes the residency: an expert becomes
