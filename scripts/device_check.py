@@ -47,6 +47,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,8 +198,43 @@ def numerics(device: str, cpu_backend: str, dry: bool) -> dict[str, Any]:
         else:
             res["triton"] = "skipped on the CPU stand-in (CUDA only here; interpreter mode is tested in CI)"
     res["gpu_experts_max_rel_err"] = paths
+    res["gguf_slots_max_rel_err"] = gguf_slot_numerics(tier)
     res["worst"] = max(list(moe_err.values()) + list(paths.values()))
     return res
+
+
+def gguf_slot_numerics(tier: Any) -> dict[str, Any]:
+    """GGUF slots (raw blocks on the device): the torch path and, on CUDA, the Triton kernel against a
+    reference on the store's dequantized weights, per type, for a decode row and a 16-row batch."""
+    import torch
+
+    from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts
+    from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
+    from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
+    from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
+
+    e_n, h, i, k = 4, 512, 512, 2
+    out: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(9)
+    for t in ("Q8_0", "Q4_K", "Q6_K"):
+        g, u = (torch.randn(e_n, i, h, generator=gen) * h ** -0.5 for _ in range(2))
+        d = torch.randn(e_n, h, i, generator=gen) * i ** -0.5
+        store = GgufExpertStore(GgufExperts({0: GgufLayerExperts.quantize(g, u, d, (t,) * 3)}))
+        slots = store.make_slots(e_n, tier.device)
+        for e in range(e_n):
+            slots.write_blocks(e, *store.expert_blocks(0, e))
+        gate, up, down = (torch.stack([store.expert(0, e)[p] for e in range(e_n)]) for p in range(3))
+        ref_lw = SimpleNamespace(gate=gate, up=up, down=down)  # the store's dequantized weights
+        for n in (1, 16):
+            x = torch.randn(n, h, generator=gen).to(torch.bfloat16)
+            ids = torch.stack([torch.randperm(e_n, generator=gen)[:k] for _ in range(n)])
+            w = torch.softmax(torch.randn(n, k, generator=gen), -1)
+            ref = _reference(ref_lw, x, ids, w)
+            xd, idd, wd = x.to(tier.device), ids.to(tier.device, torch.int32), w.to(tier.device)
+            out[f"{t}_torch_n{n}"] = round(_rel(gpu_experts_forward(xd, idd, wd, slots, list(range(e_n))), ref), 6)
+            if tier.is_cuda and triton_available(tier.device):
+                out[f"{t}_triton_n{n}"] = round(_rel(triton_experts_forward(xd, idd, wd, slots), ref), 6)
+    return out
 
 
 CHAT_PROMPT = "Hello! Tell me a short story about a fox."

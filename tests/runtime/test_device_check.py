@@ -41,6 +41,8 @@ def test_device_check_dry_run_writes_every_section(report: dict) -> None:
     assert set(num["hybrid_moe_max_rel_err"]) == {"stock", "static-frequency", "hybrimoe"}
     assert {"decode_n1", "prefill_n64"} <= set(num["gpu_experts_max_rel_err"])
     assert num["worst"] < 3e-2
+    gguf = num["gguf_slots_max_rel_err"]  # GGUF slots, per type (the torch path here; Triton too on CUDA)
+    assert {f"{t}_torch_n1" for t in ("Q8_0", "Q4_K", "Q6_K")} <= set(gguf) and max(gguf.values()) < 3e-2
 
 
 def test_chat_covers_every_family_and_the_graphed_step_matches_the_eager_loop(report: dict) -> None:
