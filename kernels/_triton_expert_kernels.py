@@ -19,7 +19,8 @@ block per tile, its scale applied after the tile's reduction), 4 = GGUF Q4_K row
 values, 144 bytes: fp16 d and dmin, twelve bytes of 6-bit sub-block scales and mins, 128 bytes of
 nibbles; ``BLOCK_IN`` = 32: one sub-block per tile, ``sum_j w_j x_j = d sc sum_j q_j x_j - dmin m sum_j x_j``),
 5 = GGUF Q6_K rows (super-blocks of 256 values, 210 bytes: 128 bytes of low nibbles, 64 of high bit
-pairs, 16 int8 scales of 16 values each, fp16 d; ``BLOCK_IN`` = 32), 6 = GGUF slots of mixed types: the
+pairs, 16 int8 scales of 16 values each, fp16 d; ``BLOCK_IN`` = 32), 7 = GGUF Q5_K rows (Q4_K's layout
+with 32 bytes of fifth bits before the nibbles), 6 = GGUF slots of mixed types: the
 slot's type for each projection is read from a per-slot code array and the matching format runs.
 """
 
@@ -70,15 +71,22 @@ def matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN, ROW_ST
             hi = tl.load(w_ptr + blk + 1, mask=mask_out, other=0).to(tl.uint16)
             d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)  # [BLOCK_OUT] fp16 scales
             acc += tl.sum(q * v[None, :], axis=1) * d
-    elif FMT == 4:
+    elif FMT == 4 or FMT == 7:  # Q4_K, or Q5_K: the same super-block plus 32 bytes of fifth bits
+        SB = 144 if FMT == 4 else 176                                       # super-block bytes
+        QS = 16 if FMT == 4 else 48                                         # where the nibbles start
         base = rows * ROW_STRIDE                                            # [BLOCK_OUT] int64 row starts
         for k0 in range(0, IN, 32):
-            sb = base + (k0 // 256) * 144                                   # [BLOCK_OUT] super-block starts
+            sb = base + (k0 // 256) * SB                                    # [BLOCK_OUT] super-block starts
             j = (k0 % 256) // 32                                            # sub-block 0..7
             v = tl.load(vec_ptr + k0 + tl.arange(0, 32)).to(tl.float32)     # [32]
-            qb = tl.load(w_ptr + sb[:, None] + 16 + (j // 2) * 32 + tl.arange(0, 32)[None, :],
+            qb = tl.load(w_ptr + sb[:, None] + QS + (j // 2) * 32 + tl.arange(0, 32)[None, :],
                          mask=mask_out[:, None], other=0).to(tl.int32)      # [BLOCK_OUT, 32]
-            q = tl.where(j % 2 == 0, qb & 0xF, qb >> 4).to(tl.float32)
+            q = tl.where(j % 2 == 0, qb & 0xF, qb >> 4)
+            if FMT == 7:  # sub-block j's fifth bit is bit j of qh[l]
+                qh = tl.load(w_ptr + sb[:, None] + 16 + tl.arange(0, 32)[None, :], mask=mask_out[:, None],
+                             other=0).to(tl.int32)
+                q = q + (((qh >> j) & 1) << 4)
+            q = q.to(tl.float32)
             lo = j < 4
             ja = tl.where(lo, j, j + 4)       # byte holding sc's low bits (and m's for j >= 4)
             jb = tl.where(lo, j + 4, j - 4)   # byte holding m's low bits (j < 4) or sc's high bits
@@ -132,14 +140,16 @@ def matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN, ROW_ST
 def weight_matvec(code, w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE,
                   FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
     """``matvec`` in format ``FMT``; for ``FMT`` 6 (GGUF slots of mixed types) in the slot's own ``code``
-    (3 = Q8_0, 4 = Q4_K, 5 = Q6_K), a branch taken at run time."""
+    (3 = Q8_0, 4 = Q4_K, 5 = Q6_K, 7 = Q5_K), a branch taken at run time."""
     if FMT == 6:
         if code == 3:
             acc = matvec(w_ptr, w_ptr, w_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, 3, 1, BLOCK_OUT, 32)
         elif code == 4:
             acc = matvec(w_ptr, w_ptr, w_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, 4, 1, BLOCK_OUT, 32)
-        else:
+        elif code == 5:
             acc = matvec(w_ptr, w_ptr, w_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, 5, 1, BLOCK_OUT, 32)
+        else:
+            acc = matvec(w_ptr, w_ptr, w_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, 7, 1, BLOCK_OUT, 32)
     else:
         acc = matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, FMT, GROUP,
                      BLOCK_OUT, BLOCK_IN)

@@ -24,8 +24,9 @@ from hybrimoe_kt.kernels.slot_weights import SlotWeights
 
 log = logging.getLogger(__name__)
 
-_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_k": 4, "q6_k": 5}  # q*: GGUF slots (gguf_slots)
-TRITON_GGUF_TYPES = ("Q8_0", "Q4_K", "Q6_K")
+_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_k": 4, "q6_k": 5,
+             "q5_k": 7}  # q*: GGUF slots (gguf_slots)
+TRITON_GGUF_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
 GGUF_MIXED = 6
 
 

@@ -48,7 +48,7 @@ def test_gguf_slot_kernel_matches_reference(type_name: str, n: int) -> None:
     assert float((got - ref).norm() / ref.norm()) < 2e-2
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("n", [1, 4])
 def test_triton_reads_gguf_slots(type_name: str, n: int) -> None:
     from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
@@ -74,7 +74,7 @@ def test_triton_reads_gguf_slots(type_name: str, n: int) -> None:
 
 
 def test_triton_reads_slots_of_mixed_types() -> None:
-    """A Q4_K_M-like pool: down in Q6_K in one layer and Q4_K in the other, gate Q4_K, up Q8_0."""
+    """A Q4_K_M-like pool: down in Q6_K in one layer and Q4_K in the other, gate Q4_K, up Q8_0 or Q5_K."""
     from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
 
     if not triton_available("cpu"):
@@ -85,10 +85,10 @@ def test_triton_reads_slots_of_mixed_types() -> None:
     for layer, down in enumerate(("Q6_K", "Q4_K")):
         g, u = (torch.randn(E, i, h, generator=gen) * h ** -0.5 for _ in range(2))
         d = torch.randn(E, h, i, generator=gen) * i ** -0.5
-        layers[layer] = GgufLayerExperts.quantize(g, u, d, ("Q4_K", "Q8_0", down))
+        layers[layer] = GgufLayerExperts.quantize(g, u, d, ("Q4_K", "Q5_K" if layer else "Q8_0", down))
     store = GgufExpertStore(GgufExperts(layers))
     slots = store.make_slots(4, "cpu")
-    assert slots.uniform_type is None and slots.all_types_in(("Q8_0", "Q4_K", "Q6_K"))
+    assert slots.uniform_type is None and slots.all_types_in(("Q8_0", "Q4_K", "Q5_K", "Q6_K"))
     for s, (layer, e) in enumerate([(0, 1), (1, 2), (0, 3), (1, 0)]):
         slots.write_blocks(s, *store.expert_blocks(layer, e))
     sid = torch.tensor([[0, 1], [2, 3], [1, -1]], dtype=torch.int32)
