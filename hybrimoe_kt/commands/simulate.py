@@ -103,7 +103,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-format", default="q4_k_m", help="weight format of the CPU experts (the runtime "
                    "runs bf16, q8_0, q4_k_m; others are labelled projection)")
     p.add_argument("--gpu-format", default="bf16", help="weight format of the GPU expert slots (the runtime "
-                   "runs bf16; others, e.g. int4-g128, are labelled projection)")
+                   "runs bf16, and a GGUF model's own q8_0 / q4_k_m blocks; others, e.g. int4-g128, are labelled "
+                   "projection)")
     p.add_argument("--host-cost", choices=("profile", "zero"), default="profile",
                    help="host time per layer call: from the hardware profile's host section (default), "
                         "or zero (ablation only; labelled in the table, JSON and plot)")

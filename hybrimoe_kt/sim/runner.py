@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 BOUNDS = ("oracle", "roofline")
 # Weight formats the runtime executes today; any other is simulated as a projection (labelled so).
-RUNTIME_GPU_FORMATS = ("bf16",)                      # GPU expert slots
+# GPU expert slots: bf16, or a GGUF model's own blocks (kernels.gguf_slots; Triton reads Q8_0/Q4_K/Q5_K/Q6_K)
+RUNTIME_GPU_FORMATS = ("bf16", "q8_0", "q4_k_m")
 RUNTIME_CPU_FORMATS = ("bf16", "q8_0", "q4_k_m")     # kt-kernel BF16 and GGUF (llamafile) kernels
 HostCostMode = Literal["profile", "zero"]
 

@@ -96,3 +96,11 @@ def test_host_section_round_trips_and_rejects_bad_keys() -> None:
         HostCosts.from_dict({"strategies": {}, "bogus": 1})
     with pytest.raises(ValueError, match="critical_us, background_us"):
         HostCosts.from_dict({"strategies": {"stock": {"decode": {"critical_us": 1}}}})
+
+
+def test_gguf_slot_formats_are_not_projections() -> None:
+    """GPU slots may hold a GGUF model's own blocks (the runtime runs them); int4 groups it does not."""
+    from hybrimoe_kt.sim.runner import RUNTIME_GPU_FORMATS
+
+    assert {"bf16", "q8_0", "q4_k_m"} <= set(RUNTIME_GPU_FORMATS)
+    assert "int4-g128" not in RUNTIME_GPU_FORMATS
