@@ -23,7 +23,6 @@ from typing import Any, Optional
 import torch
 
 from hybrimoe_kt.kt.generation import cache_argument
-from hybrimoe_kt.runtime.graph_decode import graph_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +34,7 @@ def graph_support(hm: Any) -> Optional[str]:
     device = next(hm.model.parameters()).device
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"the model runs on {device}, not on a CUDA device"
-    rt = hm.runtime
-    if rt is None:
-        return None
-    if rt._cadence is None:
-        return f"strategy {rt.spec.name} decides per layer in decode"
-    return graph_unsupported(rt.tier, rt.cpu, rt.pool.weights)
+    return None if hm.runtime is None else hm.runtime.graph_unsupported()
 
 
 class GraphedDecoder:

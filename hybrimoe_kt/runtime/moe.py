@@ -39,7 +39,7 @@ from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
 from hybrimoe_kt.runtime.device import Tier, real_host
-from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode, triton_reads
+from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode, graph_unsupported, triton_reads
 from hybrimoe_kt.runtime.layer_plan import dispatch_plan
 from hybrimoe_kt.runtime.routing_io import check_call, route_to_host, to_host, to_host_placeholder
 from hybrimoe_kt.runtime.slots import SlotPool
@@ -146,6 +146,12 @@ class HybridMoE:
             self._cadence.between_forwards(self._timer() - self._t0, is_prefill)
             self._upkept = True
         self._mark = self._timer()
+
+    def graph_unsupported(self) -> Optional[str]:
+        """Why this runtime's decode steps cannot be captured in a CUDA graph (None: they can)."""
+        if self._cadence is None:
+            return f"strategy {self.spec.name} decides per layer in decode"
+        return graph_unsupported(self.tier, self.cpu, self.pool.weights)
 
     def enable_graph_decode(self, max_rows: int = 1) -> None:
         """Prepare the graph-safe decode path (``runtime.graph_decode``) for steps of up to ``max_rows``

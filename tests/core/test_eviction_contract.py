@@ -10,7 +10,7 @@ event logs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -68,6 +68,15 @@ class Setup:
     capacity: object  # int (global pool or equal quotas) or list of per-layer quotas
     global_pool: bool
     clock: Clock = field(default_factory=Clock)
+
+    def layer_calls(self, policy: Any) -> Iterator[tuple[int, Any]]:
+        """``(forward index, routing)`` in replay order, with the clock at the call's position and
+        ``policy`` fed the routing first, as the engine does."""
+        for f, fwd in enumerate(self.routings):
+            for r in fwd:
+                self.clock.now = f * self.n_layers + r.layer
+                policy.on_route(r)
+                yield f, r
 
 
 def calibration_counts(s: Setup) -> np.ndarray:
@@ -146,32 +155,29 @@ def drive(name: str, s: Setup, seed: int) -> tuple[list, ExpertCache, int]:
     pinned: set[ExpertId] = set()
     log: list = [("placed", len(cache))]
     activations = 0
-    for f, fwd in enumerate(s.routings):
-        for r in fwd:
-            layer = r.layer
-            s.clock.now = f * s.n_layers + layer
-            now = float(s.clock.now)
-            policy.on_route(r)
-            in_use = {(layer, e) for e in r.experts}
-            activations += len(r.experts)
-            log.append(("account", layer, cache.account(layer, r.experts, now)))
-            if pinned and rng.random() < 0.3:  # unpin one, in id order
-                eid = sorted(pinned)[int(rng.integers(len(pinned)))]
-                cache.unpin(eid)
-                pinned.discard(eid)
-            residents = sorted((l, e) for l in range(s.n_layers) for e in cache.resident(l))
-            if residents and len(pinned) < 2 and rng.random() < 0.3:
-                eid = residents[int(rng.integers(len(residents)))]
-                cache.pin(eid)
-                pinned.add(eid)
-            for e in r.experts:  # demand loads; the copy may land a little later
-                if (layer, e) not in cache:
-                    delay = float(rng.choice([0.0, 0.5, 2.5]))
-                    admit_checked(cache, (layer, e), now + delay, in_use, now, pinned, log)
-            nxt = (layer + 1) % s.n_layers  # a prefetch for the next layer, landing later
-            e = int(rng.integers(s.n_experts))
-            if (nxt, e) not in cache and rng.random() < 0.5:
-                admit_checked(cache, (nxt, e), now + 1.5, in_use, now, pinned, log)
+    for f, r in s.layer_calls(policy):
+        layer = r.layer
+        now = float(s.clock.now)
+        in_use = {(layer, e) for e in r.experts}
+        activations += len(r.experts)
+        log.append(("account", layer, cache.account(layer, r.experts, now)))
+        if pinned and rng.random() < 0.3:  # unpin one, in id order
+            eid = sorted(pinned)[int(rng.integers(len(pinned)))]
+            cache.unpin(eid)
+            pinned.discard(eid)
+        residents = sorted((l, e) for l in range(s.n_layers) for e in cache.resident(l))
+        if residents and len(pinned) < 2 and rng.random() < 0.3:
+            eid = residents[int(rng.integers(len(residents)))]
+            cache.pin(eid)
+            pinned.add(eid)
+        for e in r.experts:  # demand loads; the copy may land a little later
+            if (layer, e) not in cache:
+                delay = float(rng.choice([0.0, 0.5, 2.5]))
+                admit_checked(cache, (layer, e), now + delay, in_use, now, pinned, log)
+        nxt = (layer + 1) % s.n_layers  # a prefetch for the next layer, landing later
+        e = int(rng.integers(s.n_experts))
+        if (nxt, e) not in cache and rng.random() < 0.5:
+            admit_checked(cache, (nxt, e), now + 1.5, in_use, now, pinned, log)
     return log, cache, activations
 
 
@@ -234,15 +240,12 @@ def test_contract_random(name: str, layout: str, seed: int, n_layers: int, n_exp
 def test_victim_is_a_candidate_and_order_independent(name: str) -> None:
     s = make_setup(5, n_layers=2, n_experts=6, top_k=2, n_forwards=8, prefill_rows=3, layout="global", fill=0.5)
     policy, _ = FACTORIES[name](s)
-    for f, fwd in enumerate(s.routings):
-        for r in fwd:
-            s.clock.now = f * s.n_layers + r.layer
-            policy.on_route(r)
-            cands = [(l, e) for l in range(s.n_layers) for e in range(s.n_experts) if (l + e + f) % 3]
-            v = policy.victim(cands)
-            assert v in cands
-            assert policy.victim(list(reversed(cands))) == v, "ties must not depend on candidate order"
-            assert isinstance(policy.score(v), float)
+    for f, r in s.layer_calls(policy):
+        cands = [(l, e) for l in range(s.n_layers) for e in range(s.n_experts) if (l + e + f) % 3]
+        v = policy.victim(cands)
+        assert v in cands
+        assert policy.victim(list(reversed(cands))) == v, "ties must not depend on candidate order"
+        assert isinstance(policy.score(v), float)
 
 
 @settings(max_examples=40, deadline=None)
@@ -259,13 +262,10 @@ def test_belady_is_optimal_for_single_expert_decode(seed: int, n_experts: int, q
         s.clock.now = 0
         policy, placement = FACTORIES[name](s)
         cache = ExpertCache(2, n_experts, quota, policy)
-        for f, fwd in enumerate(s.routings):
-            for r in fwd:
-                s.clock.now = f * 2 + r.layer
-                policy.on_route(r)
-                cache.account(r.layer, r.experts, 0.0)
-                for e in r.experts:
-                    if (r.layer, e) not in cache:
-                        cache.admit((r.layer, e), 0.0, {(r.layer, x) for x in r.experts}, 0.0)
+        for _, r in s.layer_calls(policy):
+            cache.account(r.layer, r.experts, 0.0)
+            for e in r.experts:
+                if (r.layer, e) not in cache:
+                    cache.admit((r.layer, e), 0.0, {(r.layer, x) for x in r.experts}, 0.0)
         misses[name] = cache.counters.misses
     assert misses["belady"] == min(misses.values()), misses

@@ -29,38 +29,35 @@ def run(name: str, layout: str, seed: int, masked: bool, big_in_use: bool = Fals
     cache.place(placement)
     rng = np.random.default_rng(seed)
     log: list = []
-    for f, fwd in enumerate(s.routings):
-        for r in fwd:
-            layer = r.layer
-            s.clock.now = f * s.n_layers + layer
-            now = float(s.clock.now)
-            policy.on_route(r)
-            in_use = {(layer, e) for e in r.experts}
-            if big_in_use:  # more than the cache takes out eagerly: the lazy search runs
-                picks = rng.choice(s.n_layers * s.n_experts, size=17, replace=False)
-                in_use |= {(int(i) // s.n_experts, int(i) % s.n_experts) for i in picks}
-            for l in range(s.n_layers):  # both searches, directly
-                cands = cache.candidates(l, in_use, now)
-                if cands:
-                    want = policy.victim(cands)
-                    assert policy.victim_masked(*cache.candidate_mask(l, in_use, now)) == want
-                    if not cache.has_room(l) and masked:
-                        assert cache.choose_victim(l, in_use, now) == want
-            residents = sorted((l, e) for l in range(s.n_layers) for e in cache.resident(l))
-            if residents and rng.random() < 0.3:
-                eid = residents[int(rng.integers(len(residents)))]
-                cache.pin(eid)
-                log.append(("pin", eid))
-            for e in r.experts:
-                if (layer, e) not in cache:
-                    try:
-                        log.append(("admit", cache.admit((layer, e), now + float(rng.choice([0.0, 2.5])),
-                                                         in_use, now)))
-                    except CacheFull:
-                        log.append(("full", e))
-            for eid in list(cache._pinned):
-                if rng.random() < 0.5:
-                    cache.unpin(eid)
+    for f, r in s.layer_calls(policy):
+        layer = r.layer
+        now = float(s.clock.now)
+        in_use = {(layer, e) for e in r.experts}
+        if big_in_use:  # more than the cache takes out eagerly: the lazy search runs
+            picks = rng.choice(s.n_layers * s.n_experts, size=17, replace=False)
+            in_use |= {(int(i) // s.n_experts, int(i) % s.n_experts) for i in picks}
+        for l in range(s.n_layers):  # both searches, directly
+            cands = cache.candidates(l, in_use, now)
+            if cands:
+                want = policy.victim(cands)
+                assert policy.victim_masked(*cache.candidate_mask(l, in_use, now)) == want
+                if not cache.has_room(l) and masked:
+                    assert cache.choose_victim(l, in_use, now) == want
+        residents = sorted((l, e) for l in range(s.n_layers) for e in cache.resident(l))
+        if residents and rng.random() < 0.3:
+            eid = residents[int(rng.integers(len(residents)))]
+            cache.pin(eid)
+            log.append(("pin", eid))
+        for e in r.experts:
+            if (layer, e) not in cache:
+                try:
+                    log.append(("admit", cache.admit((layer, e), now + float(rng.choice([0.0, 2.5])),
+                                                     in_use, now)))
+                except CacheFull:
+                    log.append(("full", e))
+        for eid in list(cache._pinned):
+            if rng.random() < 0.5:
+                cache.unpin(eid)
     return log
 
 
