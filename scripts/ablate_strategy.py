@@ -4,6 +4,7 @@ Simulated (cost model of a hardware profile). Writes results/ablation.json and p
 tok/s of each variant relative to hybrimoe-paper, static-frequency and oracle.
 
     python scripts/ablate_strategy.py [--traces real-mixtral,synthetic:deepseek-v2-lite,...]
+    python scripts/ablate_strategy.py --workload prefill-sweep --model deepseek-v2-lite --ratios 0.25,0.5
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from hybrimoe_kt.measure.provenance import provenance
 from hybrimoe_kt.sim.defaults import default_trace, infer_model
 from hybrimoe_kt.sim.runner import SimSetup, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec
+from hybrimoe_kt.traces.workloads import workload_traces
 
 VARIANTS = {
+    # the step cadence's two prefill choices, each undone (simulated side by side with hybrimoe)
+    "learn-from-prefill": dict(learn_from_prefill=True),
+    "no-prefill-contention": dict(prefill_contention=False),
+    "both-off": dict(learn_from_prefill=True, prefill_contention=False),
     # relative to the current hybrimoe strategy (tried 2026-11-28: all within +-2% of it, except a
     # global pool: +1-2% decode but 22-55% slower prefill, and threshold 0.5: up to -3%)
     "global": dict(pool="global"),
@@ -66,6 +72,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.25,0.5,0.75")
     ap.add_argument("--hardware", default="rtx4090-ddr5")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--workload", default=None, help="instead of --traces: a workload preset's traces for --model")
+    ap.add_argument("--model", default="deepseek-v2-lite", help="model preset of --workload")
     ap.add_argument("--out", default="results/ablation.json")
     args = ap.parse_args()
     base = STRATEGIES["hybrimoe"]
@@ -74,10 +82,13 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     profile = load_profile(args.hardware)
     all_recs = []
-    for spec_text in args.traces.split(","):
-        trace = parse_trace_spec(spec_text)
+    if args.workload:
+        inputs = [(f"{args.workload}/p{w.prompt_len}-b{w.batch}", w.trace)
+                  for w in workload_traces(args.workload, args.model)]
+    else:
+        inputs = [(Path(t).name, parse_trace_spec(t)) for t in args.traces.split(",")]
+    for name, trace in inputs:
         model = infer_model(trace.model, trace.n_layers, trace.n_experts, trace.top_k)
-        name = Path(spec_text).name
         recs = simulate(SimSetup(trace, name, model, profile), ["stock", *specs], ratios,
                         provenance=provenance(seed=0))
         all_recs += recs
