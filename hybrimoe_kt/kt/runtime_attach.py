@@ -14,6 +14,7 @@ import torch
 from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.memory import DEFAULT_CONTEXT_TOKENS, check_runtime_memory
+from hybrimoe_kt.core.stream import staging_slots
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.strategies import get_strategy, slots_for, with_overrides
 from hybrimoe_kt.kt.operators import HybriMoEExperts, RuntimeSettings
@@ -66,8 +67,9 @@ def apply_overrides(s: RuntimeSettings, overrides: Optional[Mapping[str, Any]]) 
     return replace(s, **dict(overrides))
 
 
-def gguf_store(path: str | Path, layer_ids: list[int], n_experts: int) -> GgufExpertStore:
-    """The routed experts of the MoE layers ``layer_ids`` from a GGUF file (or the one .gguf in a folder)."""
+def gguf_store(path: str | Path, layer_ids: list[int], n_experts: int, pin: bool = False) -> GgufExpertStore:
+    """The routed experts of the MoE layers ``layer_ids`` from a GGUF file (or the one .gguf in a folder);
+    ``pin``: held in page-locked host memory instead of the file mapping (the GPU tier is CUDA)."""
     from hybrimoe_kt.kernels.gguf_experts import GgufExperts
     from hybrimoe_kt.kt.gguf_io import read_gguf_experts
 
@@ -81,7 +83,7 @@ def gguf_store(path: str | Path, layer_ids: list[int], n_experts: int) -> GgufEx
     missing = sorted(set(layer_ids) - set(experts.layers))
     if missing:
         raise ValueError(f"GGUF file {p} has no routed experts for decoder layer(s) {missing}")
-    store = GgufExpertStore(experts, layer_ids)
+    store = GgufExpertStore(experts, layer_ids, pin=pin)
     if store.n_experts != n_experts:
         raise ValueError(f"GGUF file {p} has {store.n_experts} experts per layer, the model {n_experts}")
     return store
@@ -162,9 +164,10 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
     k = top_k or int(getattr(config, "num_experts_per_tok", 0) or 0)
     if k < 1:
         raise ValueError("cannot tell the model's top-k (config.num_experts_per_tok); pass top_k")
+    tier = Tier(s.device)
     store: HostExpertStore | GgufExpertStore
-    if gguf_path is not None:
-        store = gguf_store(gguf_path, [op.layer_index for op in ops], ops[0].n_experts)
+    if gguf_path is not None:  # slot copies read the store: pinned when the tier is CUDA
+        store = gguf_store(gguf_path, [op.layer_index for op in ops], ops[0].n_experts, pin=tier.pin_ok())
     else:
         layers = []
         for op in ops:
@@ -187,7 +190,10 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
         total = slots_for(replace(spec, pool="global"), n_l, n_e, float(s.cache_ratio or 0.0))
     slots = total if spec.pool == "global" else total // n_l
     preset = preset_from_config(config, n_l, n_e, k, store.hidden, store.intermediate, model)
-    cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16")
+    host_bytes = (store.quantized_bytes() // (n_l * n_e) if hasattr(store, "quantized_bytes")
+                  else store.expert_bytes())  # one expert as the CPU tier reads it
+    cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16",
+                              expert_bytes=(host_bytes, store.expert_bytes()))
     counts = _counts(s.placement_counts, n_l, n_e)
     if spec.eviction == "static" and slots > 0 and counts is None:
         raise ValueError(f"{ops[0].key}: strategy {spec.name} ({type(ops[0]).__name__}) keeps a fixed GPU expert "
@@ -195,9 +201,10 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
                          f"'placement_counts: <routing trace or .npy of [L, E] counts>' to the rule's kwargs "
                          f"(record a trace on other prompts with 'hybrimoe-kt record'), or give it no GPU "
                          f"budget (cache_ratio: 0)")
-    check_gpu_memory(model, s.device, store.expert_bytes(), slots if spec.pool == "global" else slots * n_l,
-                     n_l * n_e)
-    runtime = HybridMoE(store, Tier(s.device), spec, slots, cost, k, counts=counts,
+    staging = staging_slots(spec.stream_buffer, n_e) if spec.prefill_stream else 0
+    check_gpu_memory(model, s.device, store.expert_bytes(),
+                     (slots if spec.pool == "global" else slots * n_l) + staging, n_l * n_e + staging)
+    runtime = HybridMoE(store, tier, spec, slots, cost, k, counts=counts,
                         cpu_backend=s.cpu_backend, cpu_threads=s.cpu_threads)
     for i, op in enumerate(ops):
         op.runtime, op.moe_index = runtime, i

@@ -5,31 +5,68 @@ fallback otherwise), so the host holds each expert once, quantized. A GPU slot h
 (``kernels.gguf_slots``): a slot copy moves the expert's bytes unchanged (``expert_blocks``, views of
 the store: nothing is dequantized or copied on the host), and the GPU kernels dequantize the slot.
 ``expert_bytes`` is a slot's size on the device; ``expert`` (bf16 weights) serves references.
+
+With ``pin`` (the GPU tier is CUDA) the store moves each layer's projections out of the file mapping into
+page-locked host buffers, one per layer and projection, of exactly their size (``runtime.page_locked``),
+and keeps only those: the CPU kernels and the slot copies read the same bytes, still once in host memory,
+and the copies are real DMA. Without it the blocks stay where the caller's ``GgufExperts`` keeps them
+(a GGUF file's read-only mapping).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend
 from hybrimoe_kt.kernels.cpu_gguf_factory import make_gguf_cpu_backend
-from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts
+from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts, GgufTensor
 from hybrimoe_kt.kernels.gguf_slots import GgufSlotWeights, row_bytes
+from hybrimoe_kt.runtime import page_locked
+
+HostBuffer = Callable[[int], np.ndarray]  # nbytes -> a writeable uint8 [nbytes] host buffer
+
+
+def _moved(lx: GgufLayerExperts, buffer: HostBuffer) -> GgufLayerExperts:
+    """``lx`` with each projection's blocks copied into a buffer of its own, byte for byte."""
+    projs = []
+    for t in (lx.gate, lx.up, lx.down):
+        nbytes = int(t.data.nbytes)
+        buf = buffer(nbytes)
+        if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.shape != (nbytes,) \
+                or not buf.flags.writeable or not buf.flags.c_contiguous:
+            raise ValueError(f"the host buffer for {nbytes} bytes must be a writeable contiguous uint8 "
+                             f"[{nbytes}] array, got {type(buf).__name__} "
+                             f"{getattr(buf, 'dtype', None)} {getattr(buf, 'shape', None)}")
+        data = buf.reshape(t.data.shape)  # a view: the buffer's own bytes
+        np.copyto(data, t.data)
+        projs.append(GgufTensor(t.type_name, t.shape, data))
+    return GgufLayerExperts(*projs)
 
 
 class GgufExpertStore:
-    def __init__(self, experts: GgufExperts, layer_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, experts: GgufExperts, layer_ids: Sequence[int] | None = None, *, pin: bool = False,
+                 host_buffer: HostBuffer | None = None) -> None:
+        """``pin``: move the blocks into page-locked host memory (needs CUDA); ``host_buffer`` replaces
+        the page-locked allocator there (same layout, e.g. pageable buffers to check it without CUDA)."""
         ids = sorted(experts.layers) if layer_ids is None else list(layer_ids)
         if not ids:
             raise ValueError("the GGUF expert store needs at least one MoE layer")
-        self.layers: list[GgufLayerExperts] = [experts.layer(i) for i in ids]
-        self.layer_ids = ids
-        shapes = {(l.n_experts, l.intermediate, l.hidden) for l in self.layers}
+        if host_buffer is not None and not pin:
+            raise ValueError("host_buffer is the allocator of the pinned layout; pass it with pin=True")
+        layers = [experts.layer(i) for i in ids]
+        shapes = {(l.n_experts, l.intermediate, l.hidden) for l in layers}
         if len(shapes) != 1:
             raise ValueError(f"every MoE layer must have the same expert shapes, got {sorted(shapes)}")
+        if pin:
+            buffer = host_buffer or page_locked.page_locked_buffer
+            layers = [_moved(lx, buffer) for lx in layers]
+        self.pinned = pin  # the blocks live in the pinned layout's buffers (page-locked unless replaced)
+        self.layers: list[GgufLayerExperts] = layers
+        self.layer_ids = ids
         self.n_experts, self.intermediate, self.hidden = shapes.pop()
         self.n_layers = len(self.layers)
 
@@ -45,7 +82,7 @@ class GgufExpertStore:
 
     def expert_blocks(self, layer: int, e: int) -> tuple[tuple[str, str, str], tuple[torch.Tensor, ...]]:
         """One expert's raw blocks as the store holds them: the three projections' GGUF types and
-        uint8 ``[rows, row bytes]`` views (no copy)."""
+        uint8 ``[rows, row bytes]`` views (no copy; page-locked memory when the store is ``pinned``)."""
         lx = self.layers[layer]
         projs = (lx.gate, lx.up, lx.down)
         with warnings.catch_warnings():  # a memory-mapped file is read-only; the views are only read
