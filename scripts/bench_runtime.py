@@ -24,9 +24,19 @@ every figure involving it is labelled so.
     most 50 us); hybrimoe's upkeep per step vs a decode step's kernel time, from the cost model (a lower
     bound: every routed expert on the GPU, see ``step_kernel_floor``); the CPU tier within 10% of bare.
 
-    python scripts/bench_runtime.py [--rounds 7] [--host-layers 26] [--layers 4] [--seed 0] [--quick]
+(e) ``gguf_copy``: a GGUF slot copy's host work vs a memcpy of the same bytes (``measure.gguf_copy``).
+(f) ``gguf_slot_numerics``: per GGUF slot type, the GPU expert kernels' output over the slots vs a float32
+    reference on the store's dequantized weights, for 1, 4 and 64 tokens (``measure.slot_numerics``): the
+    torch slot path on the GPU tier's device (the CPU stand-in without CUDA), the Triton kernel on CUDA,
+    or in the interpreter with ``--triton-interpreter``. Every figure says its path and device.
 
-Writes results/bench_runtime.json (commit, dirty flag, machine, profile, seed).
+    python scripts/bench_runtime.py [--rounds 7] [--host-layers 26] [--layers 4] [--seed 0] [--quick]
+    python scripts/bench_runtime.py --only gguf_copy gguf_slot_numerics [--triton-interpreter]
+
+Writes results/bench_runtime.json (commit, dirty flag, machine, profile, seed). ``--only`` recomputes the
+named sections (the quick ones, which need no idle machine) and replaces them in the existing file, the
+rest kept as it is: the top-level commit and dirty flag stay those of the full run, and each refreshed
+section's own commit, dirty flag and machine go to ``section_provenance``.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import gc
 import io
 import json
 import logging
+import os
 import pstats
 import sys
 import time
@@ -56,6 +67,7 @@ from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
 from hybrimoe_kt.measure.calibrate import busy_cpus, read_bandwidth_gbs
 from hybrimoe_kt.measure.gguf_copy import measure_gguf_copy
 from hybrimoe_kt.measure.provenance import provenance
+from hybrimoe_kt.measure.slot_numerics import gguf_slot_numerics
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.harness import (NoOpDense, RunRecord, StackShape, random_store, run_replay,
                                          summary_us, trivial_kernels)
@@ -74,6 +86,7 @@ TOKEN_COUNTS = (1, 4, 16, 64)
 REPEATS = {1: 20, 4: 12, 16: 8, 64: 6}
 PROMPT_LEN = 64        # prefill tokens per request (one chunk)
 MAX_LEN = 512
+ONLY_SECTIONS = ("gguf_copy", "gguf_slot_numerics")  # the sections --only can refresh in place
 QUICK = {"layers": 2, "hidden": 256, "inter": 128, "host_layers": 4, "decode_tokens": 8, "decode_real": 2,
          "rounds": 2, "repeat_scale": 0.1}
 
@@ -343,6 +356,54 @@ def goals(host: dict[str, Any], routed_only: dict[str, Any], tier: list[dict[str
     }
 
 
+# (e), (f) GGUF slots
+
+
+def gguf_sections(args: argparse.Namespace, names: Sequence[str] = ONLY_SECTIONS) -> dict[str, Any]:
+    """The GGUF sections ``names``: slot copy cost (e) and slot kernel numerics (f)."""
+    out: dict[str, Any] = {}
+    if "gguf_copy" in names:
+        print("(e) GGUF slot copies: host work before the DMA vs a memcpy of the same bytes", flush=True)
+        gguf = measure_gguf_copy(repeats=5 if args.quick else 20)
+        for t in ("Q4_K", "Q8_0"):
+            g = gguf[t]
+            print(f"  {t}: {g['bytes_per_expert'] / 2**20:.2f} MiB per expert, prepare {g['prepare_us']:.1f} us, "
+                  f"memcpy {g['memcpy_us']:.1f} us (host dequantization before: "
+                  f"{g['dequant_us_host_path_before']:.0f} us)", flush=True)
+        out["gguf_copy"] = gguf
+    if "gguf_slot_numerics" in names:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"(f) GGUF slot kernels vs a float32 reference on the store's dequantized weights [{device}]",
+              flush=True)
+        num = gguf_slot_numerics(device, triton_interpreter=args.triton_interpreter)
+        for t, row in num.items():
+            if isinstance(row, dict) and "torch" in row:
+                paths = [f"{p} {row[p]['max_rel_err']:.2e} (abs {row[p]['max_abs_err']:.2e})"
+                         for p in ("torch", "triton") if p in row]
+                print(f"  {t}: max rel err {', '.join(paths)}; tolerance {row['tolerance_rel_err']}", flush=True)
+        out["gguf_slot_numerics"] = num
+    return out
+
+
+def refresh_sections(args: argparse.Namespace) -> int:
+    """``--only``: recompute the named sections and replace them in the existing ``--out`` file."""
+    out = Path(args.out)
+    if not out.is_file():
+        raise SystemExit(f"--only refreshes sections of an existing report, and {out} does not exist: "
+                         f"run the full benchmark first")
+    report = json.loads(out.read_text())
+    t0 = time.perf_counter()
+    fresh = gguf_sections(args, args.only)
+    stamp = {k: v for k, v in provenance().items() if k in ("commit", "dirty", "machine")}
+    stamp["wall_s"] = round(time.perf_counter() - t0, 1)
+    report.update(fresh)
+    report.setdefault("section_provenance", {}).update({name: stamp for name in fresh})
+    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(f"refreshed {', '.join(fresh)} in {out} ({stamp['wall_s']} s, commit {stamp['commit'][:12]}, "
+          f"dirty {stamp['dirty']}); the other sections are those of commit {str(report.get('commit'))[:12]}")
+    return 0
+
+
 def print_summary(result: dict[str, Any]) -> None:
     """A few lines: host figures per strategy, the goals, the CPU tier ratios."""
     print(f"summary [{GPU_TIER}; trivial kernels, {result['host_shape']['n_layers']} layers, "
@@ -380,6 +441,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--backend", default="auto", choices=("auto", "kt-kernel", "torch"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "results" / "bench_runtime.json"))
+    ap.add_argument("--only", nargs="+", choices=ONLY_SECTIONS, metavar="SECTION",
+                    help=f"recompute only these sections ({', '.join(ONLY_SECTIONS)}) and replace them in the "
+                         f"existing --out file")
+    ap.add_argument("--triton-interpreter", action="store_true",
+                    help="without CUDA, also run the Triton slot kernel in its interpreter (TRITON_INTERPRET=1; "
+                         "calls of at most a few tokens, tens of seconds)")
     args = ap.parse_args(argv)
     if args.quick:
         ap.set_defaults(**QUICK)
@@ -391,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    if args.triton_interpreter:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernels are first built
+    if args.only:
+        return refresh_sections(args)
     t_start = time.perf_counter()
     busy = busy_cpus()
     print(f"busy CPUs before the run (other processes): {busy}", flush=True)
@@ -414,13 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     real = real_kernel_overhead(args, real_stack)
     print("(c) CPU tier in the runtime (stock) vs bare kernel call", flush=True)
     tier = cpu_tier_vs_bare(args, real_stack, bw)
-    print("(d) GGUF slot copies: host work before the DMA vs a memcpy of the same bytes", flush=True)
-    gguf = measure_gguf_copy(repeats=5 if args.quick else 20)
-    for t in ("Q4_K", "Q8_0"):
-        g = gguf[t]
-        print(f"  {t}: {g['bytes_per_expert'] / 2**20:.2f} MiB per expert, prepare {g['prepare_us']:.1f} us, "
-              f"memcpy {g['memcpy_us']:.1f} us (host dequantization before: {g['dequant_us_host_path_before']:.0f} us)",
-              flush=True)
+    gguf = gguf_sections(args)
 
     result = {
         **provenance(profile=args.profile, seed=args.seed),
@@ -449,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "hotspots": {"strategy": args.profile_strategy, "kernels": "trivial", "gpu_tier": GPU_TIER, "top": hot},
         "real_kernels_per_decode_layer": real,
         "cpu_tier_vs_bare": tier,
-        "gguf_copy": gguf,
+        **gguf,
         "goals": goals(host, routed_only, tier, args.profile),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }

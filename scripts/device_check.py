@@ -7,7 +7,9 @@ chat family and every A/B run, so a run stopped by the outer timeout keeps what 
 - ``env``: torch/CUDA/GPU, triton, kt-kernel (the CPU tier falls back to the torch backend without it).
 - ``numerics``: HybridMoE on the GPU tier vs a plain fp32 torch MoE for stock / static-frequency /
   hybrimoe (prefill then decode); ``gpu_experts_forward`` decode and prefill paths vs a per-slot
-  reference; the Triton slot kernel when triton imports (CUDA only). Max relative errors.
+  reference; the Triton slot kernel when triton imports (CUDA only). Max relative errors. GGUF slots per
+  type (``measure.slot_numerics``), and the pinned GGUF store: page-locked blocks, asynchronous slot
+  copies (CUDA only).
 - ``chat``: end-to-end generation with a tiny random model of every family (``kt.tiny``, fixed seed, in
   a temporary folder) loaded with its stock and its hybrimoe rule file (a copy saying
   ``generate_device: cuda`` on the GPU; the files as they are, ``cpu``, on the CPU stand-in; the static
@@ -47,7 +49,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,25 +112,6 @@ def env_info(device: str, cpu_backend: str) -> dict[str, Any]:
     return info
 
 
-def _reference(lw: Any, x: Any, ids: Any, w: Any) -> Any:
-    """fp32 MoE: sum_k w[t,k] * down(silu(gate x) * up x), grouped by expert."""
-    import torch
-    import torch.nn.functional as F
-
-    out = torch.zeros(x.shape[0], lw.gate.shape[2], dtype=torch.float32)
-    xf = x.float().cpu()
-    ids, w = ids.cpu(), w.cpu().float()
-    for e in ids[ids >= 0].unique().tolist():
-        rows, cols = (ids == e).nonzero(as_tuple=True)
-        h = F.silu(xf[rows] @ lw.gate[e].float().T) * (xf[rows] @ lw.up[e].float().T)
-        out.index_add_(0, rows, (h @ lw.down[e].float().T) * w[rows, cols].unsqueeze(1))
-    return out
-
-
-def _rel(got: Any, ref: Any) -> float:
-    return float((got.float().cpu() - ref).norm() / ref.norm().clamp_min(1e-12))
-
-
 def numerics(device: str, cpu_backend: str, dry: bool) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -139,6 +121,7 @@ def numerics(device: str, cpu_backend: str, dry: bool) -> dict[str, Any]:
     from hybrimoe_kt.core.models import ModelPreset
     from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
     from hybrimoe_kt.kernels.slot_weights import SlotWeights
+    from hybrimoe_kt.measure.slot_numerics import reference_moe, rel_err
     from hybrimoe_kt.runtime.device import Tier
     from hybrimoe_kt.runtime.moe import HybridMoE
     from hybrimoe_kt.runtime.store import HostExpertStore
@@ -165,7 +148,7 @@ def numerics(device: str, cpu_backend: str, dry: bool) -> dict[str, Any]:
                 w = w / w.sum(-1, keepdim=True)
                 with torch.no_grad():
                     got = moe.forward(layer, x.to(tier.device), ids.to(tier.device), w.to(tier.device))
-                worst = max(worst, _rel(got, _reference(store.layers[layer], x, ids, w)))
+                worst = max(worst, rel_err(got, reference_moe(store.layers[layer], x, ids, w)))
         moe_err[strategy] = round(worst, 6)
     res["hybrid_moe_max_rel_err"] = moe_err
     # slot kernels: decode / prefill paths and Triton vs the same reference
@@ -179,18 +162,18 @@ def numerics(device: str, cpu_backend: str, dry: bool) -> dict[str, Any]:
         logits = torch.randn(n, E, generator=gen)
         w, ids = torch.softmax(logits, -1).topk(K, dim=-1)
         ids[0, -1] = -1  # one pair served elsewhere
-        ref = _reference(lw, x, ids, torch.where(ids >= 0, w, 0.0))
+        ref = reference_moe(lw, x, ids, torch.where(ids >= 0, w, 0.0))
         xd, idd, wd = x.to(tier.device), ids.to(tier.device, torch.int32), w.to(tier.device)
         active = sorted(set(ids[ids >= 0].tolist()))
-        paths[f"decode_n{n}"] = round(_rel(gpu_experts_forward(xd, idd, wd, slots, active, path="decode"),
-                                           ref), 6)
-        paths[f"prefill_n{n}"] = round(_rel(gpu_experts_forward(xd, idd, wd, slots, path="prefill"), ref), 6)
+        paths[f"decode_n{n}"] = round(rel_err(gpu_experts_forward(xd, idd, wd, slots, active, path="decode"),
+                                              ref), 6)
+        paths[f"prefill_n{n}"] = round(rel_err(gpu_experts_forward(xd, idd, wd, slots, path="prefill"), ref), 6)
         if tier.is_cuda:
             try:
                 from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
                 if triton_available(tier.device):
-                    paths[f"triton_n{n}"] = round(_rel(triton_experts_forward(xd, idd, wd, slots, active),
-                                                       ref), 6)
+                    paths[f"triton_n{n}"] = round(rel_err(triton_experts_forward(xd, idd, wd, slots, active),
+                                                          ref), 6)
                 else:
                     res["triton"] = "not available on this device"
             except Exception as e:
@@ -199,42 +182,65 @@ def numerics(device: str, cpu_backend: str, dry: bool) -> dict[str, Any]:
             res["triton"] = "skipped on the CPU stand-in (CUDA only here; interpreter mode is tested in CI)"
     res["gpu_experts_max_rel_err"] = paths
     res["gguf_slots_max_rel_err"] = gguf_slot_numerics(tier)
+    res["gguf_pinned_store"] = gguf_pinned_store(tier)
     res["worst"] = max(list(moe_err.values()) + list(paths.values()))
     return res
 
 
 def gguf_slot_numerics(tier: Any) -> dict[str, Any]:
     """GGUF slots (raw blocks on the device): the torch path and, on CUDA, the Triton kernel against a
-    reference on the store's dequantized weights, per type, for a decode row and a 16-row batch."""
+    reference on the store's dequantized weights (``measure.slot_numerics``), per type, for a decode row
+    and a 16-row batch: ``<type>_<path>_n<rows>`` -> ||got - ref|| / ||ref||."""
+    from hybrimoe_kt.measure.slot_numerics import gguf_slot_numerics as measure
+
+    out: dict[str, Any] = {}
+    for t, row in measure(tier.device, token_counts=(1, 16)).items():
+        if isinstance(row, dict) and "torch" in row:
+            for path in ("torch", "triton"):
+                for n, r in row.get(path, {}).get("tokens", {}).items():
+                    out[f"{t}_{path}_n{n}"] = r["rel_err"]
+    return out
+
+
+def gguf_pinned_store(tier: Any) -> dict[str, Any]:
+    """The GGUF store's pinned layout (``GgufExpertStore(pin=True)``) on CUDA: the blocks a slot copy reads
+    are page-locked, the store's host bytes are the experts' bytes, and a copy issued with
+    ``non_blocking=True`` on the copy stream returns before it completes and lands the bytes unchanged."""
+    if not tier.is_cuda:
+        return {"skipped": "page-locked host memory needs CUDA (the CPU stand-in keeps the blocks pageable)"}
     import torch
 
     from hybrimoe_kt.kernels.gguf_experts import GgufExperts, GgufLayerExperts
-    from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
-    from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
     from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
 
-    e_n, h, i, k = 4, 512, 512, 2
-    out: dict[str, Any] = {}
-    gen = torch.Generator().manual_seed(9)
-    for t in ("Q8_0", "Q4_K", "Q6_K"):
-        g, u = (torch.randn(e_n, i, h, generator=gen) * h ** -0.5 for _ in range(2))
-        d = torch.randn(e_n, h, i, generator=gen) * i ** -0.5
-        store = GgufExpertStore(GgufExperts({0: GgufLayerExperts.quantize(g, u, d, (t,) * 3)}))
-        slots = store.make_slots(e_n, tier.device)
-        for e in range(e_n):
-            slots.write_blocks(e, *store.expert_blocks(0, e))
-        gate, up, down = (torch.stack([store.expert(0, e)[p] for e in range(e_n)]) for p in range(3))
-        ref_lw = SimpleNamespace(gate=gate, up=up, down=down)  # the store's dequantized weights
-        for n in (1, 16):
-            x = torch.randn(n, h, generator=gen).to(torch.bfloat16)
-            ids = torch.stack([torch.randperm(e_n, generator=gen)[:k] for _ in range(n)])
-            w = torch.softmax(torch.randn(n, k, generator=gen), -1)
-            ref = _reference(ref_lw, x, ids, w)
-            xd, idd, wd = x.to(tier.device), ids.to(tier.device, torch.int32), w.to(tier.device)
-            out[f"{t}_torch_n{n}"] = round(_rel(gpu_experts_forward(xd, idd, wd, slots, list(range(e_n))), ref), 6)
-            if tier.is_cuda and triton_available(tier.device):
-                out[f"{t}_triton_n{n}"] = round(_rel(triton_experts_forward(xd, idd, wd, slots), ref), 6)
-    return out
+    e_n, h, i = 4, 2048, 768  # Qwen3-30B-A3B's routed expert
+    gen = torch.Generator().manual_seed(3)
+    g, u = (torch.randn(e_n, i, h, generator=gen) * h ** -0.5 for _ in range(2))
+    d = torch.randn(e_n, h, i, generator=gen) * i ** -0.5
+    experts = GgufExperts({0: GgufLayerExperts.quantize(g, u, d, ("Q4_K", "Q4_K", "Q6_K"))})
+    mapped_bytes = sum(t.data.nbytes for t in (experts.layer(0).gate, experts.layer(0).up, experts.layer(0).down))
+    store = GgufExpertStore(experts, pin=True)
+    slots = store.make_slots(1, tier.device)
+    timings = []
+    for e in range(e_n):  # the first copy is a warm-up
+        torch.cuda.synchronize()
+        with tier.copying():
+            t0 = time.perf_counter()
+            slots.write_blocks(0, *store.expert_blocks(0, e), non_blocking=True)
+            issued = time.perf_counter() - t0
+            done = tier.record_on_copy()
+        done.synchronize()
+        timings.append((issued * 1e6, (time.perf_counter() - t0) * 1e6))
+    _, blocks = store.expert_blocks(0, e_n - 1)
+    return {"blocks_pinned": all(b.is_pinned() for b in blocks),
+            "host_bytes_over_expert_bytes": round(store.quantized_bytes() / mapped_bytes, 4),
+            "bytes_per_expert": sum(b.numel() for b in blocks),
+            "bytes_equal": all(torch.equal(s[0, :, : b.shape[1]].cpu(), b) for s, b in zip(slots.data, blocks)),
+            "copy_issue_us": round(min(t[0] for t in timings[1:]), 1),
+            "copy_done_us": round(min(t[1] for t in timings[1:]), 1),
+            "method": f"{e_n} experts of {i} x {h} (gate/up Q4_K, down Q6_K); best of {e_n - 1} copies after "
+                      f"a warm-up: issue = write_blocks(non_blocking=True) on the copy stream, done = until "
+                      f"its event completes"}
 
 
 CHAT_PROMPT = "Hello! Tell me a short story about a fox."

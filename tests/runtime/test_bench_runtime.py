@@ -1,4 +1,5 @@
-"""scripts/bench_runtime.py --quick runs on the CPU stand-in and writes every section of its JSON."""
+"""scripts/bench_runtime.py --quick runs on the CPU stand-in and writes every section of its JSON;
+``--only`` refreshes the GGUF sections of an existing report in place."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from hybrimoe_kt.kernels.gguf_torch import GGUF_SLOT_TYPES
+from hybrimoe_kt.measure.provenance import git_commit
+from hybrimoe_kt.measure.slot_numerics import GGUF_SLOT_REL_TOL
 
 REPO = Path(__file__).resolve().parents[2]
 STRATEGIES = {"stock", "static-frequency", "hybrimoe", "hybrimoe-layer"}
@@ -14,11 +20,35 @@ HOST_KEYS = ("critical_median_us", "critical_p90_us", "background_median_us", "u
 GOAL_KEYS = ("hybrimoe_critical_vs_stock", "hybrimoe_critical_median_us", "goal_ratio_max", "goal_us_max",
              "ratio_met", "us_met", "upkeep_below_step_kernel_time", "step_kernel_time_us",
              "step_kernel_time_source", "runtime_within_10pct_of_bare")
+BENCH = str(REPO / "scripts" / "bench_runtime.py")
+
+
+def check_slot_numerics(num: dict[str, Any]) -> None:
+    """Every GGUF slot type has torch-path errors for 1, 4 and 64 tokens, labelled with path and device,
+    below the kernel tests' tolerance; Triton figures, where present, too."""
+    assert "CPU stand-in" in num["device"] and num["shape"]["hidden"] > 0
+    for t in GGUF_SLOT_TYPES:
+        row = num[t]
+        assert row["tolerance_rel_err"] == GGUF_SLOT_REL_TOL[t]
+        torch_path = row["torch"]
+        assert torch_path["label"].startswith("torch path") and "CPU stand-in" in torch_path["label"]
+        assert set(torch_path["tokens"]) == {"1", "4", "64"}
+        for r in torch_path["tokens"].values():
+            assert 0 < r["rel_err"] < GGUF_SLOT_REL_TOL[t], (t, r)
+            assert 0 < r["max_abs_err"] < r["ref_max_abs"], (t, r)
+        assert torch_path["tokens"]["64"]["path"] == "prefill" and torch_path["tokens"]["1"]["path"] == "decode"
+        assert torch_path["max_rel_err"] == max(r["rel_err"] for r in torch_path["tokens"].values())
+        assert ("triton" in row) != ("triton_skipped" in row), t
+        if "triton" in row:
+            assert row["triton"]["label"].startswith("Triton kernel")
+            assert row["triton"]["max_rel_err"] < GGUF_SLOT_REL_TOL[t], t
+        assert row["within_tolerance"] is True, t
+    assert "does not read BF16" in num["BF16"]["triton_skipped"]
 
 
 def test_quick_bench_writes_host_overhead_goals_and_cpu_tier(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_runtime.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -61,3 +91,28 @@ def test_quick_bench_writes_host_overhead_goals_and_cpu_tier(tmp_path: Path) -> 
         assert g["bytes_per_expert"] < g["bf16_bytes_per_expert"]  # slots move the quantized bytes
         assert g["prepare_us"] > 0 and g["memcpy_us"] > 0 and isinstance(g["goal_prepare_le_2x_memcpy"], bool)
         assert g["store_host_bytes_over_expert_bytes"] <= 1.05  # one host copy
+    check_slot_numerics(report["gguf_slot_numerics"])
+
+
+def test_only_refreshes_the_gguf_sections_in_place(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    old = {"commit": "0" * 40, "dirty": False, "host_overhead_per_decode_layer": {"stock": {"calls": 3}},
+           "gguf_copy": {"Q4_K": {"prepare_us": 1.0}}}
+    out.write_text(json.dumps(old))
+    proc = subprocess.run([sys.executable, BENCH, "--only", "gguf_slot_numerics", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("commit", "dirty", "host_overhead_per_decode_layer", "gguf_copy"):
+        assert report[key] == old[key], key  # the other sections and the full run's provenance stay
+    check_slot_numerics(report["gguf_slot_numerics"])
+    stamp = report["section_provenance"]["gguf_slot_numerics"]
+    assert set(report["section_provenance"]) == {"gguf_slot_numerics"}
+    assert stamp["commit"] == git_commit()[0] and "dirty" in stamp  # this tree's, not the full run's
+    assert stamp["machine"]["cores"] > 0 and stamp["wall_s"] >= 0
+
+
+def test_only_needs_an_existing_report(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, BENCH, "--only", "gguf_copy", "--out", str(tmp_path / "none.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "does not exist: run the full benchmark first" in proc.stderr

@@ -42,7 +42,9 @@ def test_device_check_dry_run_writes_every_section(report: dict) -> None:
     assert {"decode_n1", "prefill_n64"} <= set(num["gpu_experts_max_rel_err"])
     assert num["worst"] < 3e-2
     gguf = num["gguf_slots_max_rel_err"]  # GGUF slots, per type (the torch path here; Triton too on CUDA)
-    assert {f"{t}_torch_n1" for t in ("Q8_0", "Q4_K", "Q6_K")} <= set(gguf) and max(gguf.values()) < 3e-2
+    assert {f"{t}_torch_n{n}" for t in ("Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16") for n in (1, 16)} <= set(gguf)
+    assert max(gguf.values()) < 3e-2
+    assert "needs CUDA" in num["gguf_pinned_store"]["skipped"]  # page-locking is checked on a GPU
 
 
 def test_chat_covers_every_family_and_the_graphed_step_matches_the_eager_loop(report: dict) -> None:
