@@ -26,6 +26,9 @@ VARIANTS = {
     "learn-from-prefill": dict(learn_from_prefill=True),
     "no-prefill-contention": dict(prefill_contention=False),
     "both-off": dict(learn_from_prefill=True, prefill_contention=False),
+    # layer-streaming prefill (core.stream) on, off
+    "stream": dict(prefill_stream=True),
+    "no-stream": dict(prefill_stream=False),
     # relative to the current hybrimoe strategy (tried 2026-11-28: all within +-2% of it, except a
     # global pool: +1-2% decode but 22-55% slower prefill, and threshold 0.5: up to -3%)
     "global": dict(pool="global"),

@@ -134,7 +134,7 @@ def test_cache_ratio_max_in_a_list(small_trace: Path, tmp_path: Path, capsys: py
     assert best == 0.75
     out_json = tmp_path / "r.json"
     rc = main(sim_args(small_trace, "--cache-ratio", "0.25,max", "--strategies", "lru-offload",
-                       "--json", str(out_json)))
+                       "--gpu-format", "bf16", "--json", str(out_json)))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "--cache-ratio max: 0.75" in captured.out
@@ -153,20 +153,20 @@ def test_cache_gib_sizes_whole_slots(small_trace: Path, tmp_path: Path,
     from hybrimoe_kt.core.memory import GIB
     from hybrimoe_kt.core.models import get_model
 
-    per_slot = 26 * get_model("deepseek-v2-lite").expert_bytes("bf16") / GIB  # one slot in each MoE layer
+    per_slot = 26 * get_model("deepseek-v2-lite").expert_bytes("q4_k_m") / GIB  # one slot in each MoE layer
     out_json = tmp_path / "r.json"
-    rc = main(sim_args(small_trace, "--cache-gib", "4,8", "--strategies", "lru-offload", "--json", str(out_json)))
+    rc = main(sim_args(small_trace, "--cache-gib", "2,4", "--strategies", "lru-offload", "--json", str(out_json)))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     got = {r["cache_ratio"]: r["cache_gib"] for r in json.loads(out_json.read_text()) if r["strategy"] != "stock"}
     assert len(got) == 2
-    for want, gib in zip((4.0, 8.0), sorted(got.values())):
+    for want, gib in zip((2.0, 4.0), sorted(got.values())):
         assert want - per_slot < gib <= want
     assert all(r * 64 == int(r * 64) for r in got)  # whole slots per layer
 
 
 def test_a_cache_that_does_not_fit_is_refused(small_trace: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(sim_args(small_trace, "--cache-ratio", "0.5,1.0", "--strategies", "lru-offload"))
+    rc = main(sim_args(small_trace, "--cache-ratio", "0.5,1.0", "--strategies", "lru-offload", "--gpu-format", "bf16"))
     captured = capsys.readouterr()
     assert rc == 2
     lines = captured.err.strip().splitlines()
@@ -208,3 +208,17 @@ def test_bad_cache_flags_are_one_line_and_exit_2(case: str, small_trace: Path, t
     assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), captured.err
     assert needle in lines[0]
     assert "SIMULATED" not in captured.out
+
+
+def test_slots_default_to_the_host_format(small_trace: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Slots hold the CPU tier's blocks (copied unchanged): DeepSeek-V2-Lite's Q4_K experts all fit 24 GiB
+    beside hybrimoe's staging buffers, and the dense weights stay bf16."""
+    out_json = tmp_path / "r.json"
+    rc = main(sim_args(small_trace, "--cache-ratio", "max", "--strategies", "hybrimoe", "--json", str(out_json)))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "--cache-ratio max: 1 for deepseek-v2-lite (q4_k_m)" in captured.out
+    rec = next(r for r in json.loads(out_json.read_text()) if r["strategy"] == "hybrimoe")
+    assert rec["gpu_format"] == rec["cpu_format"] == "q4_k_m" and rec["dense_format"] == "bf16"
+    assert rec["memory_gib"]["stream_buffers"] > 0 and rec["memory_gib"]["total"] <= 24.0

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from hybrimoe_kt.core.hardware import HardwareProfile
 from hybrimoe_kt.core.models import MODEL_PRESETS, ModelPreset, get_model
@@ -56,9 +56,13 @@ def parse_cache_sizes(ratio_text: Optional[str], gib_text: Optional[str]) -> lis
 
 
 def resolve_cache_sizes(sizes: list[CacheSize], model: ModelPreset, gpu_format: str,
-                        profile: HardwareProfile) -> list[float]:
-    """Cache ratios of the parsed sizes for this model and GPU (``max``: the largest that fits)."""
+                        profile: HardwareProfile, strategies: Sequence[str] = ()) -> list[float]:
+    """Cache ratios of the parsed sizes for this model and GPU (``max``: the largest that fits beside
+    the staging buffers of any of ``strategies`` that streams prefills)."""
     from hybrimoe_kt.core.memory import cache_ratio_for_gib, max_cache_ratio
+    from hybrimoe_kt.core.strategies import get_strategy
+    from hybrimoe_kt.core.stream import staging_slots
+    from hybrimoe_kt.sim.runner import RUNTIME_DENSE_FORMAT
 
     ratios: list[float] = []
     for kind, v in sizes:
@@ -66,7 +70,10 @@ def resolve_cache_sizes(sizes: list[CacheSize], model: ModelPreset, gpu_format: 
             if not profile.gpu_mem_gib > 0:
                 raise ValueError(f"--cache-ratio max needs the GPU memory size, but hardware profile "
                                  f"{profile.name} has no gpu_mem_gib: add it to the profile or pass ratios")
-            r = max_cache_ratio(model, gpu_format, profile.gpu_mem_gib)
+            staging = max([staging_slots(sp.stream_buffer, model.n_experts) for sp in map(get_strategy, strategies)
+                           if sp.prefill_stream], default=0)
+            r = max_cache_ratio(model, gpu_format, profile.gpu_mem_gib, dense_format=RUNTIME_DENSE_FORMAT,
+                                staging_experts=staging)
             print(f"--cache-ratio max: {r:.4g} for {model.name} ({gpu_format}) on {profile.name} "
                   f"({profile.gpu_mem_gib:g} GiB)")
         elif kind == "gib":
@@ -102,9 +109,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategy names")
     p.add_argument("--cpu-format", default="q4_k_m", help="weight format of the CPU experts (the runtime "
                    "runs bf16, q8_0, q4_k_m; others are labelled projection)")
-    p.add_argument("--gpu-format", default="bf16", help="weight format of the GPU expert slots (the runtime "
-                   "runs bf16, and a GGUF model's own q8_0 / q4_k_m blocks; others, e.g. int4-g128, are labelled "
-                   "projection)")
+    p.add_argument("--gpu-format", default="host", help="weight format of the GPU expert slots; 'host' "
+                   "(default): the CPU tier's format, copied unchanged as the runtime does (it runs bf16 and a "
+                   "GGUF model's own q8_0 / q4_k_m blocks; others, e.g. int4-g128, are labelled projection)")
     p.add_argument("--host-cost", choices=("profile", "zero"), default="profile",
                    help="host time per layer call: from the hardware profile's host section (default), "
                         "or zero (ablation only; labelled in the table, JSON and plot)")
@@ -138,13 +145,15 @@ def run(args: argparse.Namespace) -> int:
     if "stock" not in names:
         names.insert(0, "stock")  # speedups are relative to it
     profile = load_profile(args.hardware)
+    if args.gpu_format == "host":  # the slots hold the CPU tier's bytes
+        args.gpu_format = args.cpu_format
     if args.workload is not None:
-        ratios = resolve_cache_sizes(sizes, get_model(args.model), args.gpu_format, profile)
+        ratios = resolve_cache_sizes(sizes, get_model(args.model), args.gpu_format, profile, names)
         return run_workload(args, names, ratios, profile)
     trace = parse_trace_spec(spec, seed=args.seed)
     model = get_model(args.model) if args.model else infer_model(
         trace.model, trace.n_layers, trace.n_experts, trace.top_k)
-    ratios = resolve_cache_sizes(sizes, model, args.gpu_format, profile)
+    ratios = resolve_cache_sizes(sizes, model, args.gpu_format, profile, names)
     trace_name = spec if spec.startswith("synthetic:") else Path(spec).name.removesuffix(".npz").removesuffix(".json")
     setup = SimSetup(trace, trace_name, model, profile, args.cpu_format, args.gpu_format, args.prefill_chunk,
                      host_cost=args.host_cost)

@@ -27,6 +27,7 @@ from hybrimoe_kt.core.cache import CacheFull, ExpertCache
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.schedulers.prefill_choice import choose_prefill
+from hybrimoe_kt.core.stream import StreamPlan, choose_stream, proxy_routing, stream_order
 from hybrimoe_kt.core.strategies import Policies
 from hybrimoe_kt.core.types import EMPTY_BACKGROUND, BackgroundPlan, ExpertId, LayerRouting, Plan
 from hybrimoe_kt.core.upkeep import EMPTY_UPKEEP, StepRouting, UpkeepPlan
@@ -43,7 +44,10 @@ class Decision:
     landing: dict[int, float]       # demand load -> predicted landing time (absolute)
     ready: dict[int, float]         # in-flight resident -> seconds after ``now`` until it lands
     streamed: tuple[int, ...]       # demand loads that found no slot (scratch buffer, not admitted)
-    demand_copy_end: float          # copy queue end after demand loads, before background copies
+    demand_copy_end: float          # copy queue end after demand loads and stream copies, before
+                                    # background copies
+    staged: tuple[int, ...] = ()    # GPU experts served from the staging buffer (``core.stream``)
+    stream: StreamPlan | None = None  # copies of the next layer's experts into the staging buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,10 @@ class Controller:
         self._pending: _Pending | None = None  # what background() needs from the last decide()
         self._step = self.spec.cadence == "step"
         self.visible_at = -float("inf")  # step cadence: copies landed by then are served from their slot
+        self._stream = (self.spec.prefill_stream and not self._free
+                        and hasattr(cost, "cpu_expert_contended"))
+        self._staged: StreamPlan | None = None  # booked at the previous layer for the next one
+        self._last_prefill: dict[int, LayerRouting] = {}  # layer -> its routing in the last prefill forward
 
     def decide(self, routing: LayerRouting, now: float, gpu_free: float = 0.0,
                is_prefill: bool = False) -> Decision:
@@ -89,10 +97,15 @@ class Controller:
         h, lh, m = cache.account(layer, routing.experts, now)
         in_use = {(layer, e) for e in routing.experts}
         ready = cache.in_flight(layer, now)
+        resident = cache.resident(layer)
+        staged, self._staged = (self._staged if self._staged is not None and self._staged.layer == layer
+                                and is_prefill else None), None
+        if staged is not None:  # staged experts count as residents still in flight (core.stream)
+            ready.update({e: t for e, t in staged.ready(now).items() if t > 0.0})
+            resident = set(resident) | set(staged.experts)
         copy_free = max(0.0, self.copy_free_at - now)
-        split = pol.scheduler.plan(routing, cache.resident(layer), self.cost, ready, copy_free, gpu_free)
-        if is_prefill and self.spec.prefill_contention and not self._free:  # copies slow the CPU tier
-            split = choose_prefill(split, routing, cache.resident(layer), self.cost, ready, copy_free, gpu_free)
+        split = self._split(routing, resident, ready, copy_free, gpu_free, is_prefill)
+        from_stage = tuple(e for e in split.gpu if e in staged.experts) if staged is not None else ()
         evictions: list[ExpertId] = []
         landing: dict[int, float] = {}
         streamed: list[int] = []
@@ -108,6 +121,8 @@ class Controller:
                 continue
             if victim is not None:
                 evictions.append(victim)
+        stream = (self._plan_stream(routing, split, now, gpu_free)
+                  if self._stream and is_prefill and layer + 1 < cache.n_layers else None)
         demand_end = self.copy_free_at
         if self.spec.uses_gpu_cache:
             pol.prefetcher.observe(routing)
@@ -116,7 +131,41 @@ class Controller:
         keep = in_use | {(layer, e) for e in split.loads}
         self._pending = _Pending(routing, split.cpu, now + split.makespan_s, is_prefill, keep)
         plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), split.makespan_s)
-        return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end)
+        return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end, from_stage, stream)
+
+    def _split(self, routing: LayerRouting, resident, ready, copy_free: float, gpu_free: float,
+               is_prefill: bool = True):
+        """The scheduler's split; in prefill, the contention choice where the strategy makes it."""
+        split = self.policies.scheduler.plan(routing, resident, self.cost, ready, copy_free, gpu_free)
+        if is_prefill and self.spec.prefill_contention and not self._free:  # copies slow the CPU
+            split = choose_prefill(split, routing, resident, self.cost, ready, copy_free, gpu_free)
+        return split
+
+    def _plan_stream(self, routing: LayerRouting, split, now: float, gpu_free: float) -> StreamPlan | None:
+        """Book the next layer's non-residents into the staging buffer when ``core.stream`` says it
+        pays (after this layer's demand loads on the copy queue)."""
+        cache, nxt = self.cache, routing.layer + 1
+        self._last_prefill[routing.layer] = routing
+        resident = cache.resident(nxt)
+        proxy = proxy_routing(routing, self._last_prefill.get(nxt))
+        scores = getattr(self.policies.eviction, "scores", None)
+        prior = scores[nxt] if scores is not None and getattr(scores, "ndim", 0) == 2 else None
+        order = stream_order(cache.n_experts, resident, self.spec.stream_buffer or cache.n_experts, proxy, prior)
+        if not order:
+            return None
+        non_moe = getattr(self.cost, "non_moe", None)
+        next_start = now + split.makespan_s + (non_moe(routing.n_rows) if non_moe is not None else 0.0)
+        start = max(self.copy_free_at, now)
+        choice = choose_stream(routing, split, proxy, resident, order, self._split, self.cost, now=now,
+                               next_start=next_start, copy_free=self.copy_free_at, stream_free=start,
+                               ready_next=cache.in_flight(nxt, next_start), gpu_free=gpu_free)
+        if not choice.stream:
+            return None
+        order = order[:choice.count]
+        landing = tuple(start + (j + 1) * self._xfer for j in range(len(order)))
+        self.copy_free_at = landing[-1]
+        self._staged = StreamPlan(nxt, order, landing)
+        return self._staged
 
     def _decide_visible(self, routing: LayerRouting, now: float) -> Decision:
         """Step cadence, decode: visible residents on the GPU, the rest on the CPU; no policy work."""

@@ -9,7 +9,7 @@ HybriMoE scheduler (used to check that ``hss`` behaves like the release).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
 from hybrimoe_kt.core.hardware import HardwareProfile
 from hybrimoe_kt.core.models import ModelPreset, bits_per_weight
@@ -54,10 +54,14 @@ class RooflineCost:
 
     @staticmethod
     def build(profile: HardwareProfile, model: ModelPreset, cpu_format: str = "q4_k_m",
-              gpu_format: str = "bf16") -> "RooflineCost":
+              gpu_format: str = "bf16", dense_format: Optional[str] = None,
+              expert_bytes: Optional[tuple[int, int]] = None) -> "RooflineCost":
+        """``gpu_format``: the routed experts' GPU slots; ``dense_format``: attention, shared experts,
+        dense layers and the LM head on the GPU (default: ``gpu_format``); ``expert_bytes``: one expert's
+        measured bytes on the host and in a GPU slot (a runtime's store), instead of the formats' sizes."""
         us = 1e-6
-        b_cpu = model.expert_bytes(cpu_format)
-        b_gpu = model.expert_bytes(gpu_format)
+        dense_format = dense_format or gpu_format
+        b_cpu, b_gpu = expert_bytes or (model.expert_bytes(cpu_format), model.expert_bytes(gpu_format))
         f_tok = model.expert_flops(1)
         cpu, gpu = profile.cpu, profile.gpu
         shared_flops = 2.0 * 3 * model.hidden * model.shared_intermediate
@@ -71,12 +75,12 @@ class RooflineCost:
             gpu_mem=b_gpu / (gpu.mem_bw_gbs * 1e9),
             gpu_per_token=f_tok / (gpu.tflops * 1e12),
             transfer_s=profile.pcie.latency_us * us + b_gpu / (profile.pcie.bw_gbs * 1e9),
-            attn_mem=model.attn_bytes(gpu_format) / (gpu.mem_bw_gbs * 1e9),
+            attn_mem=model.attn_bytes(dense_format) / (gpu.mem_bw_gbs * 1e9),
             attn_per_token=2.0 * model.attn_params / (gpu.tflops * 1e12),
-            shared_mem=model.shared_bytes(gpu_format) / (gpu.mem_bw_gbs * 1e9),
+            shared_mem=model.shared_bytes(dense_format) / (gpu.mem_bw_gbs * 1e9),
             shared_per_token=shared_flops / (gpu.tflops * 1e12),
             layer_fixed=profile.layer_overhead_us * us,
-            extra_mem=model.extra_params() * bits_per_weight(gpu_format) / 8 / (gpu.mem_bw_gbs * 1e9),
+            extra_mem=model.extra_params() * bits_per_weight(dense_format) / 8 / (gpu.mem_bw_gbs * 1e9),
             extra_per_token=2.0 * model.extra_params() / (gpu.tflops * 1e12),
             n_extra_layers=model.n_dense_layers,
             copy_dram_share=min(0.9, profile.pcie.bw_gbs / cpu.mem_bw_gbs),

@@ -4,7 +4,10 @@ Resident on the GPU, whatever the cache: attention, shared experts, dense layers
 head in the GPU weight format (routers and norms in bf16), the KV cache of the workload, and a fixed
 reserve. The expert cache of a cache ratio is ``round(ratio * n_experts)`` slots per MoE layer (the
 rounding of ``core.strategies.slots_for``) times the model's MoE layers times ``expert_bytes(gpu_format)``.
-A ratio whose total exceeds the GPU is refused with one line: GiB needed, GiB available, largest ratio.
+A strategy that streams long prefills (``core.stream``) also holds its two staging buffers. A ratio
+whose total exceeds the GPU is refused with one line: GiB needed, GiB available, largest ratio. The
+expert slots hold the host's format (a GGUF model's own blocks), the other GPU weights their own
+(``dense_format``; bf16 in the runtime).
 
 Counting embeddings on the GPU is conservative: kTransformers' rules keep the embedding lookup on the
 CPU, which frees ``vocab * hidden`` weights. The KV cache of MLA models (DeepSeek) is the compressed
@@ -107,36 +110,51 @@ class MemoryBudget:
         raise ValueError(f"cache ratio {ratio:g} of {self.model} ({self.gpu_format} on the GPU) needs "
                          f"{need:.1f} GiB (expert cache {self.cache_bytes(ratio) / GIB:.1f} + resident "
                          f"weights {self.weight_bytes / GIB:.1f} + KV cache {self.resident['kv_cache'] / GIB:.1f}"
-                         f" + reserve {self.resident['reserve'] / GIB:.1f}), {where or 'the GPU'} has "
+                         f" + reserve {self.resident['reserve'] / GIB:.1f}{self._staging_text()}), "
+                         f"{where or 'the GPU'} has "
                          f"{self.gpu_mem_gib:g} GiB; {largest}")
+
+    def _staging_text(self) -> str:
+        b = self.resident.get("stream_buffers", 0)
+        return f" + stream buffers {b / GIB:.1f}" if b else ""
 
     @property
     def weight_bytes(self) -> int:
-        return self.resident_bytes - self.resident["kv_cache"] - self.resident["reserve"]
+        return (self.resident_bytes - self.resident["kv_cache"] - self.resident["reserve"]
+                - self.resident.get("stream_buffers", 0))
 
 
 def memory_budget(model: ModelPreset, gpu_format: str, gpu_mem_gib: float,
-                  workload: MemoryWorkload = MemoryWorkload()) -> MemoryBudget:
+                  workload: MemoryWorkload = MemoryWorkload(), dense_format: Optional[str] = None,
+                  staging_experts: int = 0) -> MemoryBudget:
+    """``gpu_format``: the expert slots; ``dense_format``: the other GPU weights (default: the same);
+    ``staging_experts``: slots of the layer-streaming prefill's staging buffers (``core.stream``)."""
     if gpu_mem_gib < 0:
         raise ValueError(f"gpu_mem_gib must be >= 0 (0 = unknown), got {gpu_mem_gib}")
-    bpw = bits_per_weight(gpu_format)
+    if staging_experts < 0:
+        raise ValueError(f"staging_experts must be >= 0, got {staging_experts}")
+    bpw = bits_per_weight(dense_format or gpu_format)
     parts = {k: int(round(n * (16.0 if k in UNQUANTIZED_PARTS else bpw) / 8))
              for k, n in model.resident_params().items()}
     if not model.kv_known:
         log.info("model %s has no KV cache shape: its KV cache is not counted", model.name)
     parts["kv_cache"] = model.kv_bytes_per_token(KV_DTYPE_BYTES) * workload.context_tokens * workload.batch
     parts["reserve"] = int(round(workload.reserve_gib * GIB))
+    if staging_experts:
+        parts["stream_buffers"] = staging_experts * model.expert_bytes(gpu_format)
     return MemoryBudget(model.name, gpu_format, float(gpu_mem_gib), parts, model.expert_bytes(gpu_format),
                         model.n_moe_layers, model.n_experts)
 
 
 def max_cache_ratio(model: ModelPreset, gpu_format: str, gpu_mem_gib: float,
-                    workload: MemoryWorkload = MemoryWorkload()) -> float:
+                    workload: MemoryWorkload = MemoryWorkload(), dense_format: Optional[str] = None,
+                    staging_experts: int = 0) -> float:
     """The largest cache ratio whose expert cache fits beside the resident part; ValueError if none."""
     if not gpu_mem_gib > 0:
         raise ValueError(f"the largest cache ratio needs the GPU's memory size, got gpu_mem_gib="
                          f"{gpu_mem_gib}: set gpu_mem_gib in the hardware profile")
-    b = memory_budget(model, gpu_format, gpu_mem_gib, workload)
+    b = memory_budget(model, gpu_format, gpu_mem_gib, workload, dense_format=dense_format,
+                      staging_experts=staging_experts)
     best = b.max_ratio()
     if best is None:
         b.check(0.0)  # raises with the numbers

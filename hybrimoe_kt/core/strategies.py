@@ -51,6 +51,9 @@ class StrategySpec:
     learn_from_prefill: bool = True     # step cadence: prefill routing updates the scores too
     prefill_contention: bool = False    # prefill: keep the split without copies when the copies' pull on
                                         # host memory would cost the CPU tier more (schedulers.prefill_choice)
+    prefill_stream: bool = False        # prefill: stage the next layer's non-residents while a layer runs
+                                        # when the cost model says it pays (core.stream)
+    stream_buffer: int = 0              # experts per staging buffer (two alternate); 0 = a whole layer
     free_transfers: bool = False        # bound only: copies take no time and no queue
     uses_gpu_cache: bool = True
     clairvoyant: bool = False           # needs the future (a bound, not a deployable policy)
@@ -74,6 +77,8 @@ class StrategySpec:
         if self.cadence == "step" and self.eviction != "reuse" and self.admission != "expected-reuse":
             raise ValueError(f"strategy {self.name}: the step cadence prices swaps with a reuse rate: use "
                              f"eviction 'reuse' or admission 'expected-reuse'")
+        if self.stream_buffer < 0:
+            raise ValueError(f"strategy {self.name}: stream_buffer must be >= 0 (0 = a whole layer)")
         if self.step_copy_budget < 0 or self.swap_depth < 1:
             raise ValueError(f"strategy {self.name}: step_copy_budget must be >= 0 and swap_depth >= 1")
 
@@ -100,10 +105,12 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  "copies' worth of host-memory reads (MRS ranks the residents, a reuse rate prices the "
                  "swap), copies booked for about one step; the scores learn from decode steps only (a "
                  "prompt's routing is another distribution); prefill: balanced split with demand loads, or none "
-                 "when the copies' pull on host memory would slow the CPU tier more than they save",
+                 "when the copies' pull on host memory would slow the CPU tier more than they save; long prefills "
+                 "stream: up to 64 of the next layer's non-residents are staged while a layer runs when the "
+                 "cost model says it pays",
                  "balanced", "mrs", admit_misses=True, admission="expected-reuse", admission_margin=4.0,
                  copy_horizon_layers=4.0, background_in_prefill=False, cadence="step",
-                 learn_from_prefill=False, prefill_contention=True),
+                 learn_from_prefill=False, prefill_contention=True, prefill_stream=True, stream_buffer=64),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,

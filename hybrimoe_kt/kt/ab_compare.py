@@ -115,10 +115,9 @@ def projection(strategy_a: str, ratio_a: float, strategy_b: str, ratio_b: float,
                trace_spec: str, seed: int = 0) -> dict[str, Any]:
     """SIMULATED decode/prefill speed and hit rate of both sides' strategies on ``hardware``."""
     from hybrimoe_kt.core.hardware import load_profile
-    from hybrimoe_kt.core.memory import memory_budget
     from hybrimoe_kt.core.strategies import get_strategy
     from hybrimoe_kt.sim.defaults import infer_model
-    from hybrimoe_kt.sim.runner import SimSetup, simulate
+    from hybrimoe_kt.sim.runner import SimSetup, simulate, spec_budget
     from hybrimoe_kt.traces.spec import parse_trace_spec
 
     profile = load_profile(hardware)
@@ -127,9 +126,9 @@ def projection(strategy_a: str, ratio_a: float, strategy_b: str, ratio_b: float,
     name = trace_spec if trace_spec.startswith("synthetic:") else \
         Path(trace_spec).name.removesuffix(".npz").removesuffix(".json")
     setup = SimSetup(trace, name, model, profile)
-    budget = memory_budget(model, setup.gpu_format, profile.gpu_mem_gib)
     sides, notes = {}, []
     for side, strategy, ratio in (("a", strategy_a, ratio_a), ("b", strategy_b, ratio_b)):
+        budget = spec_budget(setup, get_strategy(strategy))
         if get_strategy(strategy).uses_gpu_cache and not budget.fits(ratio):
             fit = budget.max_ratio()
             notes.append(f"{side}: the rules' cache ratio {ratio:g} does not fit {model.name} on {profile.name} "

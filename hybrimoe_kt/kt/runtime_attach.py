@@ -16,6 +16,7 @@ from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.memory import DEFAULT_CONTEXT_TOKENS, check_runtime_memory
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.strategies import get_strategy, slots_for, with_overrides
+from hybrimoe_kt.core.stream import staging_slots
 from hybrimoe_kt.kt.operators import HybriMoEExperts, RuntimeSettings
 from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.moe import HybridMoE
@@ -189,7 +190,10 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
         total = slots_for(replace(spec, pool="global"), n_l, n_e, float(s.cache_ratio or 0.0))
     slots = total if spec.pool == "global" else total // n_l
     preset = preset_from_config(config, n_l, n_e, k, store.hidden, store.intermediate, model)
-    cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16")
+    host_bytes = (store.quantized_bytes() // (n_l * n_e) if hasattr(store, "quantized_bytes")
+                  else store.expert_bytes())  # one expert as the CPU tier reads it
+    cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16",
+                              expert_bytes=(host_bytes, store.expert_bytes()))
     counts = _counts(s.placement_counts, n_l, n_e)
     if spec.eviction == "static" and slots > 0 and counts is None:
         raise ValueError(f"{ops[0].key}: strategy {spec.name} ({type(ops[0]).__name__}) keeps a fixed GPU expert "
@@ -197,8 +201,9 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
                          f"'placement_counts: <routing trace or .npy of [L, E] counts>' to the rule's kwargs "
                          f"(record a trace on other prompts with 'hybrimoe-kt record'), or give it no GPU "
                          f"budget (cache_ratio: 0)")
-    check_gpu_memory(model, s.device, store.expert_bytes(), slots if spec.pool == "global" else slots * n_l,
-                     n_l * n_e)
+    staging = staging_slots(spec.stream_buffer, n_e) if spec.prefill_stream else 0
+    check_gpu_memory(model, s.device, store.expert_bytes(),
+                     (slots if spec.pool == "global" else slots * n_l) + staging, n_l * n_e + staging)
     runtime = HybridMoE(store, tier, spec, slots, cost, k, counts=counts,
                         cpu_backend=s.cpu_backend, cpu_threads=s.cpu_threads)
     for i, op in enumerate(ops):

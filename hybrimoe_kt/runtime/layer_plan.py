@@ -4,6 +4,8 @@ Evicted slots are freed first; the CPU backend's GPU mask is set in place and th
 submitted (asynchronous); demand loads go on the copy stream; the GPU experts run from their slots
 (waiting on copy events, no per-expert host syncs) with the shared experts meanwhile; experts that
 found no evictable slot are streamed through a scratch slot (copied, computed once, not admitted).
+A layer-streaming prefill (``core.stream``) reads its staged experts from the staging buffer, and the
+next layer's staging copies are queued behind this layer's demand loads.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ def dispatch_plan(pool: SlotPool, tiers: Tiers, mask: np.ndarray, slot_of: np.nd
     for e in plan.loads:
         if e not in streamed:
             pool.load((layer, e))
+    if d.stream is not None:  # the next layer's experts, copied while this one runs
+        pool.stage(d.stream.layer, d.stream.experts)
+    staged = set(d.staged)
     slot_of.fill(-1)
     resident_slots = []
     for e in plan.gpu:
         if e not in streamed:
-            s = pool.slot_of((layer, e))
+            s = pool.staged[(layer, e)] if e in staged else pool.slot_of((layer, e))
             slot_of[e] = s
             resident_slots.append(s)
     dev = tiers.tier.device

@@ -33,6 +33,7 @@ from hybrimoe_kt.core.controller import Controller
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy
+from hybrimoe_kt.core.stream import staging_slots
 from hybrimoe_kt.core.types import LayerRouting
 from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, default_threads
 from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
@@ -63,6 +64,7 @@ class RuntimeStats:
     gpu_experts: int = 0
     cpu_experts: int = 0
     streamed: int = 0
+    staged: int = 0            # GPU experts read from the layer-streaming prefill's staging buffer
     per_layer_host_s: list[float] = field(default_factory=list)
 
 
@@ -84,7 +86,8 @@ class HybridMoE:
         self.cache = ExpertCache(n_layers, n_experts, slots if spec.uses_gpu_cache else 0,
                                  self.policies.eviction, global_pool=spec.pool == "global")
         self.controller = Controller(self.policies, self.cache, cost, self.clock, top_k)
-        self.pool = SlotPool(tier, store, self.cache.capacity, n_scratch)
+        n_stage = staging_slots(spec.stream_buffer, n_experts) if spec.prefill_stream else 0
+        self.pool = SlotPool(tier, store, self.cache.capacity, n_scratch, n_stage=n_stage)
         if cpu_backends is not None:  # prebuilt for this store (shared by runtimes over one store)
             if len(cpu_backends) != n_layers:
                 raise ValueError(f"cpu_backends has {len(cpu_backends)} layers, the store has {n_layers}")
@@ -236,6 +239,7 @@ class HybridMoE:
         result = self._tiers.combine(layer, x, bool(d.plan.cpu), bool(d.plan.gpu), cpu_out, out, shared_out)
         self._account(t_start, t_plan, t_dispatch, t_background, len(d.plan.gpu), len(d.plan.cpu),
                       len(d.streamed))
+        self.stats.staged += len(d.staged)
         return result
 
     # --- the named steps ---------------------------------------------------------------------------

@@ -17,7 +17,9 @@ publish only landed experts.
 Together with the core never evicting an expert the current layer uses, this makes the released
 code's prefill race (a slot handed to a layer and overwritten before its compute ran) impossible.
 Scratch slots beyond the cache's capacity serve demand loads that found no evictable slot ("streamed":
-copied, computed once, never admitted).
+copied, computed once, never admitted). Staging slots after them hold the layer-streaming prefill's two
+buffers (``core.stream``): layer ``l``'s staged experts go to buffer ``l % 2``, copied while layer
+``l - 1`` runs, read by layer ``l``, and overwritten (after those reads, by the same events) two layers on.
 """
 
 from __future__ import annotations
@@ -35,21 +37,25 @@ from hybrimoe_kt.runtime.store_gguf import GgufExpertStore
 
 class SlotPool:
     def __init__(self, tier: Tier, store: HostExpertStore | GgufExpertStore, n_slots: int, n_scratch: int = 2,
-                 fmt: str = "bf16") -> None:
+                 fmt: str = "bf16", n_stage: int = 0) -> None:
         if n_slots < 0 or n_scratch < 1:
             raise ValueError(f"slot pool needs n_slots >= 0 and n_scratch >= 1, got {n_slots}, {n_scratch}")
+        if n_stage < 0 or n_stage % 2:
+            raise ValueError(f"staging slots come in two equal buffers, got n_stage={n_stage}")
         if fmt != "bf16":
             raise ValueError(f"slot format {fmt!r} is not supported by the runtime yet; use bf16")
         self.tier, self.store = tier, store
-        self.n_slots, self.n_scratch = n_slots, n_scratch
+        self.n_slots, self.n_scratch, self.n_stage = n_slots, n_scratch, n_stage
+        total = n_slots + n_scratch + n_stage
         make = getattr(store, "make_slots", None)  # a GGUF store: slots hold its raw blocks
-        self.weights = (make(n_slots + n_scratch, tier.device) if make is not None else
-                        SlotWeights.allocate(n_slots + n_scratch, store.hidden, store.intermediate, fmt,
-                                             tier.device))
+        self.weights = (make(total, tier.device) if make is not None else
+                        SlotWeights.allocate(total, store.hidden, store.intermediate, fmt, tier.device))
         self.table: dict[ExpertId, int] = {}
         self.free: list[int] = list(range(n_slots - 1, -1, -1))  # pop() gives the lowest slot first
-        self.copy_done: list[Optional[Event]] = [None] * (n_slots + n_scratch)
-        self.last_read: list[Optional[Event]] = [None] * (n_slots + n_scratch)
+        self.copy_done: list[Optional[Event]] = [None] * total
+        self.last_read: list[Optional[Event]] = [None] * total
+        self.staged: dict[ExpertId, int] = {}  # staged expert -> its staging slot
+        self.stage_copies = 0
         self._next_scratch = 0
         self.slot_table = np.full((store.n_layers, store.n_experts), -1, dtype=np.int32)  # [L, E]
         self._barrier: Optional[Event] = None  # every copy waits for it (see the module docstring)
@@ -105,6 +111,19 @@ class SlotPool:
         self._next_scratch = (self._next_scratch + 1) % self.n_scratch
         self._copy(eid, s)
         return s
+
+    def stage(self, layer: int, experts: tuple[int, ...]) -> None:
+        """Copy ``layer``'s ``experts`` into its staging buffer (``layer % 2``), replacing what that
+        buffer held; each copy waits for the reads of the slot it overwrites."""
+        half = self.n_stage // 2
+        if len(experts) > half:
+            raise ValueError(f"{len(experts)} experts to stage, the staging buffers hold {half} each")
+        base = self.n_slots + self.n_scratch + (layer % 2) * half
+        self.staged = {eid: s for eid, s in self.staged.items() if not base <= s < base + half}
+        for j, e in enumerate(experts):
+            self._copy((layer, e), base + j)
+            self.staged[(layer, e)] = base + j
+        self.stage_copies += len(experts)
 
     def _copy(self, eid: ExpertId, s: int) -> None:
         layer, e = eid

@@ -68,6 +68,8 @@ class RunStats:
     demand_loads: int = 0
     background_copies: int = 0
     streamed_loads: int = 0
+    stream_copies: int = 0           # layer-streaming prefill: copies into the staging buffer
+    stream_used: int = 0             # staged experts the GPU computed (the rest were not routed)
     hits: int = 0
     late_hits: int = 0
     misses: int = 0
@@ -148,7 +150,10 @@ class _Replay:
         st.demand_loads += len(plan.loads)
         st.streamed_loads += len(d.streamed)
         st.background_copies += len(bg.copies)
-        self.copies(len(plan.loads) + len(bg.copies), not step.is_prefill)
+        n_stream = len(d.stream.experts) if d.stream is not None else 0
+        st.stream_copies += n_stream
+        st.stream_used += len(d.staged)
+        self.copies(len(plan.loads) + len(bg.copies) + n_stream, not step.is_prefill)
         tokens = dict(zip(r.experts, r.tokens))
         cpu_t = self.cpu_tier(plan.cpu, tokens, d.demand_copy_end - now)
         gpu_end, gpu_t = self.gpu_tier(plan.gpu, tokens, d, shared)

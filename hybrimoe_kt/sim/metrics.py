@@ -46,6 +46,8 @@ class Metrics:
     demand_loads: int
     background_copies: int
     streamed_loads: int          # demand loads that found no evictable slot (scratch buffer)
+    stage_copies: int            # layer-streaming prefill: copies into the staging buffers
+    stage_used: int              # staged experts the GPU computed
     decode_tokens: int
     prefill_tokens: int
     ttft_ms: Optional[float]             # mean over requests (None without request ids or decode)
@@ -102,6 +104,8 @@ class Metrics:
             demand_loads=st.demand_loads,
             background_copies=st.background_copies,
             streamed_loads=st.streamed_loads,
+            stage_copies=st.stream_copies,
+            stage_used=st.stream_used,
             decode_tokens=st.decode_tokens,
             prefill_tokens=st.prefill_tokens,
             ttft_ms=req[0], ttft_p90_ms=req[1], tpot_ms=req[2],

@@ -12,6 +12,7 @@ from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import HardwareProfile
 from hybrimoe_kt.core.host import HOST_FREE, PHASES, HostTime
 from hybrimoe_kt.core.memory import MemoryBudget, memory_budget
+from hybrimoe_kt.core.stream import staging_slots
 from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for
@@ -31,6 +32,7 @@ BOUNDS = ("oracle", "roofline")
 # GPU expert slots: bf16, or a GGUF model's own blocks (kernels.gguf_slots; Triton reads Q8_0/Q4_K/Q5_K/Q6_K)
 RUNTIME_GPU_FORMATS = ("bf16", "q8_0", "q4_k_m")
 RUNTIME_CPU_FORMATS = ("bf16", "q8_0", "q4_k_m")     # kt-kernel BF16 and GGUF (llamafile) kernels
+RUNTIME_DENSE_FORMAT = "bf16"  # the GPU's other weights: Hugging Face modules in bf16
 HostCostMode = Literal["profile", "zero"]
 
 
@@ -41,9 +43,14 @@ class SimSetup:
     model: ModelPreset
     profile: HardwareProfile
     cpu_format: str = "q4_k_m"
-    gpu_format: str = "bf16"
+    gpu_format: str = "host"        # the expert slots; "host": the CPU tier's format, copied unchanged
     prefill_chunk: int = 512
     host_cost: HostCostMode = "profile"
+    dense_format: str = RUNTIME_DENSE_FORMAT  # attention, shared experts, dense layers, LM head
+
+    def __post_init__(self) -> None:
+        if self.gpu_format == "host":
+            object.__setattr__(self, "gpu_format", self.cpu_format)
 
     @property
     def projection(self) -> bool:
@@ -156,13 +163,23 @@ def _host_fields(ht: Optional[Mapping[str, HostTime]]) -> dict[str, float]:
 
 def check_memory(setup: SimSetup, specs: Sequence[StrategySpec], ratios: Sequence[float]) -> MemoryBudget:
     """Refuse, before any work, a cache ratio whose expert cache does not fit the profile's GPU memory."""
-    budget = memory_budget(setup.model, setup.gpu_format, setup.profile.gpu_mem_gib)
+    budget = spec_budget(setup, None)
     if not budget.known:
         log.warning("hardware profile %s has no gpu_mem_gib: cache ratios are not checked against GPU memory",
                     setup.profile.name)
-    for r in ratios if any(s.uses_gpu_cache for s in specs) else [0.0]:
-        budget.check(r, where=f"hardware profile {setup.profile.name}")
+    for spec in specs:
+        b = spec_budget(setup, spec)
+        for r in ratios if spec.uses_gpu_cache else [0.0]:
+            b.check(r, where=f"hardware profile {setup.profile.name}")
     return budget
+
+
+def spec_budget(setup: SimSetup, spec: Optional[StrategySpec]) -> MemoryBudget:
+    """The GPU memory budget of ``setup`` for ``spec`` (its staging buffers when it streams prefills)."""
+    staging = (staging_slots(spec.stream_buffer, setup.model.n_experts)
+               if spec is not None and spec.prefill_stream else 0)
+    return memory_budget(setup.model, setup.gpu_format, setup.profile.gpu_mem_gib,
+                         dense_format=setup.dense_format, staging_experts=staging)
 
 
 def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: Iterable[float],
@@ -180,7 +197,7 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
             raise ValueError(f"cache ratio {r} is outside [0, 1]")
     budget = check_memory(setup, specs, ratios)
     t = setup.trace
-    cost = RooflineCost.build(setup.profile, setup.model, setup.cpu_format, setup.gpu_format)
+    cost = RooflineCost.build(setup.profile, setup.model, setup.cpu_format, setup.gpu_format, setup.dense_format)
     host = {s.name: setup.host_times(s) for s in specs}  # fails on a missing host time before any work
     folds = make_folds(t, setup.prefill_chunk)
     jobs: list[Job] = [(s, r, v) for r in ratios for s in specs
@@ -217,7 +234,8 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
                         "slots": slots_for(spec, t.n_layers, t.n_experts, ratio),
                         "pool": spec.pool, "bound": spec.name in BOUNDS,
                         "cache_gib": budget.breakdown(ratio)["expert_cache"] if spec.uses_gpu_cache else 0.0,
-                        "memory_gib": budget.breakdown(ratio if spec.uses_gpu_cache else 0.0),
+                        "memory_gib": spec_budget(setup, spec).breakdown(ratio if spec.uses_gpu_cache else 0.0),
+                        "prefill_stream": spec.prefill_stream,
                         **({"oracle_variant": oracle_variant} if oracle_variant else {})})
     if bar is not None:
         bar.close()
@@ -235,6 +253,7 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
             "hardware": setup.profile.name,
             "cpu_format": setup.cpu_format,
             "gpu_format": setup.gpu_format,
+            "dense_format": setup.dense_format,
             "projection": setup.projection,
             "host_cost": setup.host_cost,
             "prefill_chunk": setup.prefill_chunk,

@@ -11,6 +11,7 @@ experts, demand loads, evictions), background copies and reported layer times.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,8 @@ def _record(ctl: Controller, log: list[dict[str, Any]], upkeeps: list[dict[str, 
     def rec_decide(routing: Any, now: float, gpu_free: float = 0.0, is_prefill: bool = False) -> Any:
         d = decide(routing, now, gpu_free, is_prefill)
         cur.update({"now": now, "gpu_free": gpu_free, "prefill": is_prefill, "plan": d.plan,
-                    "streamed": d.streamed, "n_gpu": len(d.plan.gpu), "n_cpu": len(d.plan.cpu)})
+                    "streamed": d.streamed, "staged": d.staged, "stream": d.stream,
+                    "n_gpu": len(d.plan.gpu), "n_cpu": len(d.plan.cpu)})
         return d
 
     def rec_background() -> Any:
@@ -106,8 +108,21 @@ def setup() -> dict[str, Any]:
             "store": random_store(SHAPE, seed=0)}
 
 
+STREAM = "hybrimoe+stream"  # hybrimoe under a cost model where its prefill streams (core.stream)
+
+
+def _strategy_cost(s: dict[str, Any], name: str) -> tuple[str, RooflineCost]:
+    """The strategy and cost model of a case: ``STREAM`` makes the CPU slow and copies cheap and off
+    the CPU's memory bandwidth, so staging the next layer pays in prefill."""
+    if name != STREAM:
+        return name, s["cost"]
+    c: RooflineCost = s["cost"]
+    return "hybrimoe", replace(c, cpu_fixed=50e-6, gpu_fixed=1e-6, transfer_s=2e-6, copy_dram_share=0.0)
+
+
 def simulate(s: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch,
              upkeeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    name, cost = _strategy_cost(s, name)
     spec = get_strategy(name)
     slots = slots_for(spec, SHAPE.n_layers, SHAPE.n_experts, RATIO)
     clock = Clock()
@@ -123,14 +138,14 @@ def simulate(s: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch,
             _record(self, log, upkeeps)
 
     monkeypatch.setattr(engine, "Controller", Recording)
-    engine.replay(s["ssteps"], s["cost"], pol, cache, clock, SHAPE.top_k, host=HOST)
+    engine.replay(s["ssteps"], cost, pol, cache, clock, SHAPE.top_k, host=HOST)
     return log
 
 
 def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]],
                 upkeeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    name, cost = _strategy_cost(s, name)
     spec = get_strategy(name)
-    cost: RooflineCost = s["cost"]
     timer = ManualTimer()
     moe = HybridMoE(s["store"], Tier("cpu"), spec, slots_for(spec, SHAPE.n_layers, SHAPE.n_experts, RATIO),
                     cost, SHAPE.top_k, counts=s["counts"], cpu_backend="torch", cpu_threads=1, max_len=8,
@@ -165,7 +180,7 @@ def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]],
 
 
 @pytest.mark.parametrize("name", ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer",
-                                  "hybrimoe"])
+                                  "hybrimoe", STREAM])
 def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     sim_up: list[dict[str, Any]] = []
@@ -173,7 +188,7 @@ def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: 
     sim = simulate(setup, name, monkeypatch, sim_up)
     rt = run_runtime(setup, name, sim, rt_up)
     assert len(rt) == len(sim) == len(setup["steps"]) * SHAPE.n_layers
-    n_cost = setup["cost"]
+    name, n_cost = _strategy_cost(setup, name)
     lookup = get_strategy(name).decode_lookup
     for i, (a, b) in enumerate(zip(rt, sim)):
         where = f"{name}, layer call {i} (layer {b['plan'].layer})"
@@ -189,6 +204,7 @@ def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: 
         assert a["prefill"] == b["prefill"], where
         assert a["plan"] == b["plan"], where                  # gpu, cpu, loads, evictions, prediction
         assert a["streamed"] == b["streamed"], where
+        assert a["staged"] == b["staged"] and a["stream"] == b["stream"], where  # layer streaming
         assert a["background"] == b["background"], where      # copies, their evictions and landings
     # the step upkeeps: same inputs (time, recorded routing), same plans, same published residency
     assert len(rt_up) == len(sim_up) == (len(setup["steps"]) if get_strategy(name).cadence == "step" else 0)
@@ -205,6 +221,9 @@ def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: 
         assert sum(len(c["plan"].loads) + len(c["background"].copies) for c in sim) > 0
     if name == "hybrimoe":
         assert sum(len(u["up"].copies) for u in sim_up) > 0, "the upkeep never swapped an expert in"
+    staged = sum(len(c.get("staged", ())) for c in sim)
+    if n_cost is not setup["cost"]:  # the streaming case: layers read staged experts
+        assert staged > 0 and any(c.get("stream") is not None for c in sim)
 
 
 def test_first_layer_without_begin_forward_reports_its_moe_part_only(setup: dict[str, Any]) -> None:
