@@ -70,6 +70,9 @@ class RunStats:
     streamed_loads: int = 0
     stream_copies: int = 0           # layer-streaming prefill: copies into the staging buffer
     stream_used: int = 0             # staged experts the GPU computed (the rest were not routed)
+    prefill_layers_stream: int = 0   # prefill layer calls that read staged experts
+    prefill_layers_split: int = 0    # ... that ran experts on the GPU without staged ones
+    prefill_layers_cpu: int = 0      # ... that ran every routed expert on the CPU
     hits: int = 0
     late_hits: int = 0
     misses: int = 0
@@ -153,6 +156,13 @@ class _Replay:
         n_stream = len(d.stream.experts) if d.stream is not None else 0
         st.stream_copies += n_stream
         st.stream_used += len(d.staged)
+        if step.is_prefill:
+            if d.staged:
+                st.prefill_layers_stream += 1
+            elif plan.gpu:
+                st.prefill_layers_split += 1
+            else:
+                st.prefill_layers_cpu += 1
         self.copies(len(plan.loads) + len(bg.copies) + n_stream, not step.is_prefill)
         tokens = dict(zip(r.experts, r.tokens))
         cpu_t = self.cpu_tier(plan.cpu, tokens, d.demand_copy_end - now)

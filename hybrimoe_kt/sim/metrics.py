@@ -48,6 +48,7 @@ class Metrics:
     streamed_loads: int          # demand loads that found no evictable slot (scratch buffer)
     stage_copies: int            # layer-streaming prefill: copies into the staging buffers
     stage_used: int              # staged experts the GPU computed
+    prefill_layer_modes: dict    # prefill layer calls by mode: stream / split / cpu (all routed on the CPU)
     decode_tokens: int
     prefill_tokens: int
     ttft_ms: Optional[float]             # mean over requests (None without request ids or decode)
@@ -106,6 +107,8 @@ class Metrics:
             streamed_loads=st.streamed_loads,
             stage_copies=st.stream_copies,
             stage_used=st.stream_used,
+            prefill_layer_modes={"stream": st.prefill_layers_stream, "split": st.prefill_layers_split,
+                                 "cpu": st.prefill_layers_cpu},
             decode_tokens=st.decode_tokens,
             prefill_tokens=st.prefill_tokens,
             ttft_ms=req[0], ttft_p90_ms=req[1], tpot_ms=req[2],

@@ -42,3 +42,6 @@ def test_records_count_the_staging_copies() -> None:
     on, off = by["hybrimoe"], by["hybrimoe/no-stream"]
     assert on["stage_copies"] >= on["stage_used"] > 0
     assert off["stage_copies"] == off["stage_used"] == 0
+    modes = on["prefill_layer_modes"]
+    assert modes["stream"] > 0 and sum(modes.values()) == sum(off["prefill_layer_modes"].values())
+    assert off["prefill_layer_modes"]["stream"] == 0
