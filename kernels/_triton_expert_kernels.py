@@ -20,8 +20,9 @@ values, 144 bytes: fp16 d and dmin, twelve bytes of 6-bit sub-block scales and m
 nibbles; ``BLOCK_IN`` = 32: one sub-block per tile, ``sum_j w_j x_j = d sc sum_j q_j x_j - dmin m sum_j x_j``),
 5 = GGUF Q6_K rows (super-blocks of 256 values, 210 bytes: 128 bytes of low nibbles, 64 of high bit
 pairs, 16 int8 scales of 16 values each, fp16 d; ``BLOCK_IN`` = 32), 7 = GGUF Q5_K rows (Q4_K's layout
-with 32 bytes of fifth bits before the nibbles), 6 = GGUF slots of mixed types: the
-slot's type for each projection is read from a per-slot code array and the matching format runs.
+with 32 bytes of fifth bits before the nibbles), 8 = GGUF BF16 rows (two little-endian bytes per
+value, read as bytes and bit-cast), 6 = GGUF slots of mixed types: the slot's type for each projection
+is read from a per-slot code array and the matching format runs.
 """
 
 from __future__ import annotations
@@ -123,6 +124,19 @@ def matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN, ROW_ST
             d1 = tl.load(w_ptr + sb + 209, mask=mask_out, other=0).to(tl.uint16)
             d = (d0 | (d1 << 8)).to(tl.float16, bitcast=True).to(tl.float32)
             acc += d * tl.sum(q.to(tl.float32) * sc * v[None, :], axis=1)
+    elif FMT == 8:
+        base = rows * ROW_STRIDE                                            # [BLOCK_OUT] int64 row starts
+        cols = tl.arange(0, 32)
+        for k0 in range(0, IN, 32):
+            offs_in = k0 + cols                                             # [32]
+            mask_in = offs_in < IN
+            v = tl.load(vec_ptr + offs_in, mask=mask_in, other=0.0).to(tl.float32)
+            m2 = mask_out[:, None] & mask_in[None, :]
+            p = w_ptr + base[:, None] + offs_in[None, :] * 2                # [BLOCK_OUT, 32] low bytes
+            lo = tl.load(p, mask=m2, other=0).to(tl.uint16)
+            hi = tl.load(p + 1, mask=m2, other=0).to(tl.uint16)
+            w = (lo | (hi << 8)).to(tl.bfloat16, bitcast=True).to(tl.float32)
+            acc += tl.sum(w * v[None, :], axis=1)
     else:
         for k0 in range(0, IN, BLOCK_IN):
             offs_in = k0 + tl.arange(0, BLOCK_IN)                           # [BLOCK_IN]
@@ -140,9 +154,11 @@ def matvec(w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN, ROW_ST
 def weight_matvec(code, w_ptr, scale_ptr, offset_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE,
                   FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
     """``matvec`` in format ``FMT``; for ``FMT`` 6 (GGUF slots of mixed types) in the slot's own ``code``
-    (3 = Q8_0, 4 = Q4_K, 5 = Q6_K, 7 = Q5_K), a branch taken at run time."""
+    (3 = Q8_0, 4 = Q4_K, 5 = Q6_K, 7 = Q5_K, 8 = BF16), a branch taken at run time."""
     if FMT == 6:
-        if code == 3:
+        if code == 8:
+            acc = matvec(w_ptr, w_ptr, w_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, 8, 1, BLOCK_OUT, 32)
+        elif code == 3:
             acc = matvec(w_ptr, w_ptr, w_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, 3, 1, BLOCK_OUT, 32)
         elif code == 4:
             acc = matvec(w_ptr, w_ptr, w_ptr, vec_ptr, offs_out, mask_out, IN, ROW_STRIDE, 4, 1, BLOCK_OUT, 32)

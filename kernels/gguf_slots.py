@@ -16,7 +16,7 @@ import torch
 from hybrimoe_kt.kernels.gguf_torch import BLOCK_BYTES, dequantize
 
 PROJECTIONS = ("gate", "up", "down")
-TYPE_CODES = {"Q8_0": 3, "Q4_K": 4, "Q6_K": 5, "Q5_K": 7}  # the Triton kernel's formats (kernels/_triton_expert_kernels.py)
+TYPE_CODES = {"Q8_0": 3, "Q4_K": 4, "Q6_K": 5, "Q5_K": 7, "BF16": 8}  # the Triton kernel's formats (kernels/_triton_expert_kernels.py)
 
 
 def row_bytes(type_name: str, n_values: int) -> int:

@@ -24,9 +24,9 @@ from hybrimoe_kt.kernels.slot_weights import SlotWeights
 
 log = logging.getLogger(__name__)
 
-_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_k": 4, "q6_k": 5,
-             "q5_k": 7}  # q*: GGUF slots (gguf_slots)
-TRITON_GGUF_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
+_FMT_CODE = {"bf16": 0, "int8": 1, "int4": 2}  # the slot formats of slot_weights
+_GGUF_FMT_CODE = {"Q8_0": 3, "Q4_K": 4, "Q6_K": 5, "Q5_K": 7, "BF16": 8}  # GGUF slots (gguf_slots.TYPE_CODES)
+TRITON_GGUF_TYPES = tuple(_GGUF_FMT_CODE)
 GGUF_MIXED = 6
 
 
@@ -61,7 +61,7 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def _block_in(fmt: str, in_dim: int, group: int, cap: int) -> int:
-    if fmt == "gguf":  # 32 values per tile: a Q8_0 block, a Q4_K sub-block, a Q6_K quarter half
+    if fmt == "gguf":  # 32 values per tile: a Q8_0 block, a Q4_K sub-block, a Q6_K quarter half, 32 BF16
         return 32
     if fmt == "int4":  # a power of two dividing the group, so one scale per row per tile
         b = 2
@@ -115,7 +115,7 @@ def triton_experts_forward(x: torch.Tensor, slot_ids: torch.Tensor, weights: tor
         return out.zero_()
     kern = _kernels()
     if slots.fmt == "gguf":  # one type throughout: its own format; else dispatch on each slot's types
-        fmt = _FMT_CODE[slots.uniform_type.lower()] if slots.uniform_type else GGUF_MIXED
+        fmt = _GGUF_FMT_CODE[slots.uniform_type] if slots.uniform_type else GGUF_MIXED
     else:
         fmt = _FMT_CODE[slots.fmt]
     cap = block_in or 128

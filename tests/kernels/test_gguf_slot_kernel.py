@@ -49,7 +49,7 @@ def test_gguf_slot_kernel_matches_reference(type_name: str, n: int) -> None:
     assert float((got - ref).norm() / ref.norm()) < GGUF_SLOT_REL_TOL[type_name]
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16"])
 @pytest.mark.parametrize("n", [1, 4])
 def test_triton_reads_gguf_slots(type_name: str, n: int) -> None:
     from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
