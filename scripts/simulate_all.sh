@@ -14,8 +14,7 @@ for hw in rtx4090-ddr5 rtx5090-ddr5; do
       | tee "results/simulate-mixtral-$tag.txt"
   fi
   for m in deepseek-v2-lite qwen3-30b-a3b; do
-    ratios=0.25,0.5,0.75
-    [ "$m" = qwen3-30b-a3b ] && ratios=0.25,max  # bf16 slots: half the experts do not fit 24-32 GB
+    ratios=0.25,0.5,0.75  # slots hold the GGUF Q4_K blocks (the default --gpu-format host)
     hybrimoe-kt simulate --trace "synthetic:$m" --hardware "$hw" --cache-ratio "$ratios" --no-progress \
       --json "results/simulate-$m-$tag.json" --plot "results/simulate-$m-$tag.png" \
       | tee "results/simulate-$m-$tag.txt"
