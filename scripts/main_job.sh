@@ -11,5 +11,5 @@ hybrimoe-kt make-tiny-model --family mixtral --out build/tiny-mixtral --force
 hybrimoe-kt ab --model-path build/tiny-mixtral --rules-a optimize_rules/Mixtral-stock.yaml \
   --rules-b optimize_rules/Mixtral-hybrimoe.yaml --prompts scripts/prompts.txt --max-new-tokens 32 \
   --json results/ab-tiny-mixtral.json
-# bf16 expert slots: only a few Mixtral experts fit a 24 GB card; "max" = the largest cache that fits
+# Q4_K_M expert slots (the host format); "max" = the largest cache that fits a 24 GB card
 hybrimoe-kt simulate --cache-ratio 0.125,max --json results/simulate.json --plot results/simulate.png
