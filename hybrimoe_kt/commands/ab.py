@@ -9,19 +9,24 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from hybrimoe_kt.commands.runtime_flags import add_kt_cuda_graph, resolve_cuda_graph
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ab", help="A/B two rule files on one model: speed, hit rate, token agreement",
                        description=__doc__)
-    p.add_argument("--model-path", required=True, help="local Hugging Face model folder")
+    p.add_argument("--model-path", "--model_path", dest="model_path", required=True,
+                   help="local Hugging Face model folder")
     p.add_argument("--rules-a", required=True, help="rule file A (the baseline, e.g. *-stock.yaml)")
     p.add_argument("--rules-b", required=True, help="rule file B (e.g. *-hybrimoe.yaml)")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--cpu-infer", type=int, default=None, metavar="T",
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=32,
+                   help="tokens generated per prompt")
+    p.add_argument("--cpu-infer", "--cpu_infer", dest="cpu_infer", type=int, default=None, metavar="T",
                    help="CPU expert threads on both sides (overrides the rule files' cpu_threads)")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                    help="decode steps in a CUDA graph on both sides: auto (default) = where supported")
+    add_kt_cuda_graph(p)
     p.add_argument("--json", dest="json_out", required=True, help="write the comparison to this JSON file")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of prefill/decode tok/s")
     p.add_argument("--hardware", default="rtx4090-ddr5",
@@ -44,6 +49,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.cpu_infer is not None and args.cpu_infer < 1:
         raise ValueError(f"--cpu-infer must be >= 1 thread, got {args.cpu_infer}")
+    resolve_cuda_graph(args)
     for path in (args.rules_a, args.rules_b):
         rule_strategy(load_rules(path))
     load_profile(args.hardware)

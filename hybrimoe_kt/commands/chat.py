@@ -13,19 +13,24 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from hybrimoe_kt.commands.runtime_flags import (add_kt_cuda_graph, add_runtime_flags, resolve_cuda_graph,
+                                                runtime_overrides)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a hybrid model (streams tokens, prints speed and cache stats)",
                        description=__doc__)
-    p.add_argument("--model-path", required=True, help="local Hugging Face model folder")
-    p.add_argument("--gguf-path", default=None, help="GGUF file (or folder with one) holding the routed "
-                   "experts, kept quantized for the CPU kernels; the rest comes from --model-path")
-    p.add_argument("--optimize-config-path", required=True, help="optimize rules YAML (optimize_rules/*.yaml)")
+    p.add_argument("--model-path", "--model_path", dest="model_path", required=True,
+                   help="local Hugging Face model folder")
+    p.add_argument("--gguf-path", "--gguf_path", dest="gguf_path", default=None, help="GGUF file (or folder "
+                   "with one) holding the routed experts, kept quantized for the CPU kernels; the rest comes "
+                   "from --model-path")
+    p.add_argument("--optimize-config-path", "--optimize_config_path", dest="optimize_config_path", required=True,
+                   help="optimize rules YAML (optimize_rules/*.yaml)")
     p.add_argument("--prompt", default=None, help="answer this prompt once and exit")
     p.add_argument("--prompt-file", default=None, help="answer the text of this file once and exit")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate per answer")
-    p.add_argument("--cpu-infer", type=int, default=None, metavar="T",
-                   help="CPU expert threads (overrides the rule file's cpu_threads)")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=300,
+                   help="tokens to generate per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
@@ -33,8 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="capture decode steps in a CUDA graph and replay them: auto (default) = on where "
                         "supported (model on CUDA, a decode-lookup strategy, kt-kernel, triton); on = "
                         "required (an error elsewhere); off = eager decode")
+    add_kt_cuda_graph(p)
+    p.add_argument("--force-think", "--force_think", dest="force_think", action="store_true",
+                   help="start every answer with '<think>\\n' after the chat template (reasoning models)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the raw text (no chat template, no conversation history)")
+    add_runtime_flags(p)
     p.set_defaults(func=run)
 
 
@@ -51,11 +60,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--prompt-file {args.prompt_file} does not exist")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.cpu_infer is not None and args.cpu_infer < 1:
-        raise ValueError(f"--cpu-infer must be >= 1 thread, got {args.cpu_infer}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, "
                          f"{args.top_p}")
+    if args.force_think and args.no_chat_template:
+        raise ValueError("--force-think adds to the chat template's answer prefix: drop --no-chat-template")
+    resolve_cuda_graph(args)
 
 
 def stats_lines(result: Any, tier_label: str) -> list[str]:
@@ -103,27 +113,40 @@ def read_turn(stream: Any) -> Optional[str]:
             return text
 
 
+THINK = "<think>\n"
+
+
+def prompt_ids(tokenizer: Any, history: list[dict[str, str]], text: str, args: argparse.Namespace) -> list[int]:
+    """The turn's token ids: the chat template (unless --no-chat-template), then '<think>\\n' with
+    --force-think, as kTransformers' local_chat does for reasoning models."""
+    from hybrimoe_kt.kt.generation import encode_prompt
+
+    ids = encode_prompt(tokenizer, history, text, not args.no_chat_template)
+    if args.force_think:
+        ids = list(ids) + list(tokenizer.encode(THINK, add_special_tokens=False))
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    overrides = runtime_overrides(args, args.model_path)  # flag errors before the slow load
     from hybrimoe_kt.kt.rules import load_rules
 
     load_rules(args.optimize_config_path)  # a bad rule file is a user error: fail before loading
     from transformers.utils import logging as hf_logging
 
-    from hybrimoe_kt.kt.generation import encode_prompt
     from hybrimoe_kt.kt.loader import load_hybrid
 
     hf_logging.disable_progress_bar()
-    overrides = {"cpu_threads": args.cpu_infer} if args.cpu_infer is not None else None
     hm = load_hybrid(args.model_path, args.optimize_config_path, overrides=overrides, gguf_path=args.gguf_path)
     use_template = not args.no_chat_template
     if args.prompt is not None or args.prompt_file is not None:
         text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
-        answer(hm, encode_prompt(hm.tokenizer, [], text, use_template), args)
+        answer(hm, prompt_ids(hm.tokenizer, [], text, args), args)
         return 0
     history: list[dict[str, str]] = []
     while (text := read_turn(sys.stdin)) is not None:
-        result = answer(hm, encode_prompt(hm.tokenizer, history, text, use_template), args)
+        result = answer(hm, prompt_ids(hm.tokenizer, history, text, args), args)
         if use_template:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
     return 0

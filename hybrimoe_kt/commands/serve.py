@@ -8,19 +8,24 @@ import signal
 import socket
 from pathlib import Path
 
+from hybrimoe_kt.commands.runtime_flags import add_runtime_flags, runtime_overrides
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions, /v1/completions)")
-    p.add_argument("--model-path", required=True, help="local Hugging Face model folder")
-    p.add_argument("--optimize-config-path", required=True, help="optimize-rules YAML file")
+    p.add_argument("--model-path", "--model_path", dest="model_path", required=True,
+                   help="local Hugging Face model folder")
+    p.add_argument("--optimize-config-path", "--optimize_config_path", dest="optimize_config_path", required=True,
+                   help="optimize-rules YAML file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     # numbers are checked in run() so that a bad value gives one error line
     p.add_argument("--port", default="10002", help="TCP port, 0 for any free one (default 10002)")
     p.add_argument("--max-tokens-limit", default="512", help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--queue-size", default="16", help="requests that may wait; more get HTTP 429 (default 16)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
-    p.add_argument("--gguf-path", default=None, help="GGUF file (or folder with one) holding the routed "
-                   "experts, kept quantized for the CPU kernels")
+    p.add_argument("--gguf-path", "--gguf_path", dest="gguf_path", default=None, help="GGUF file (or folder "
+                   "with one) holding the routed experts, kept quantized for the CPU kernels")
+    add_runtime_flags(p)
     p.set_defaults(func=run)
 
 
@@ -49,13 +54,14 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or model_dir.resolve().name
     if not name:
         raise ValueError("--model-name must not be empty")
+    overrides = runtime_overrides(args, model_dir)
     _check_bind(args.host, port)  # fail before the slow model load
 
     from hybrimoe_kt.kt.loader import load_hybrid
     from hybrimoe_kt.server.app import Server
     from hybrimoe_kt.server.engine import Engine
 
-    hybrid = load_hybrid(model_dir, rules, gguf_path=args.gguf_path)
+    hybrid = load_hybrid(model_dir, rules, gguf_path=args.gguf_path, overrides=overrides)
     engine = Engine(hybrid, queue_size=queue_size)
     try:
         server = Server(engine, name, host=args.host, port=port, max_tokens_limit=limit)
