@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="local Hugging Face model folder")
     p.add_argument("--gguf-path", "--gguf_path", dest="gguf_path", default=None, help="GGUF file (or folder "
                    "with one) holding the routed experts, kept quantized for the CPU kernels; the rest comes "
-                   "from --model-path")
+                   "from --model-path, or from the GGUF too when --model-path holds only config and tokenizer")
     p.add_argument("--optimize-config-path", "--optimize_config_path", dest="optimize_config_path", required=True,
                    help="optimize rules YAML (optimize_rules/*.yaml)")
     p.add_argument("--prompt", default=None, help="answer this prompt once and exit")

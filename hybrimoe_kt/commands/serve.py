@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-size", default="16", help="requests that may wait; more get HTTP 429 (default 16)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder name)")
     p.add_argument("--gguf-path", "--gguf_path", dest="gguf_path", default=None, help="GGUF file (or folder "
-                   "with one) holding the routed experts, kept quantized for the CPU kernels")
+                   "with one) holding the routed experts, kept quantized for the CPU kernels (every weight when "
+                   "--model-path holds only config and tokenizer)")
     add_runtime_flags(p)
     p.set_defaults(func=run)
 

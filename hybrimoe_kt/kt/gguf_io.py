@@ -77,6 +77,17 @@ def gguf_tensor_name(hf_name: str) -> str:
     return hf_name
 
 
+def permute_rope_rows(w: Any, n_head: int, inverse: bool = False) -> Any:
+    """llama.cpp's row order for the query/key projections of ``llama``-architecture files: within each
+    head, the rows of the two rotary halves interleave (``inverse``: back to the Hugging Face order)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"a rotary projection of {rows} rows does not split into {n_head} heads of two halves")
+    half = rows // n_head // 2
+    split = (n_head, half, 2) if inverse else (n_head, 2, half)
+    return w.reshape(*split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _ggml_type(name: str) -> Any:
     from gguf import GGMLQuantizationType
 
@@ -131,7 +142,11 @@ def write_gguf(model: Any, path: str | Path, expert_type: str = "q8_0") -> Path:
         if gname in names:
             raise ValueError(f"two tensors map to the GGUF name {gname}")
         names.add(gname)
-        writer.add_tensor(gname, tensor.detach().float().contiguous().numpy())
+        data = tensor.detach().float().contiguous().numpy()
+        if spec.gguf_arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's order
+            heads = cfg.num_attention_heads if gname.endswith("attn_q.weight") else cfg.num_key_value_heads
+            data = permute_rope_rows(data, heads)
+        writer.add_tensor(gname, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from hybrimoe_kt.kt.gguf_weights import experts_on_meta, has_weight_files, model_from_gguf
 from hybrimoe_kt.kt.inject import InjectionReport, apply_rules
 from hybrimoe_kt.kt.rules import Rule, RuleError, load_rules
 from hybrimoe_kt.kt.runtime_attach import attach_runtime
@@ -93,13 +94,24 @@ def load_hybrid(model_dir: str | Path, rules_path: str | Path, dtype: Optional[t
         from tqdm import tqdm
 
         bar = tqdm(total=len(steps), desc="loading", unit="step", leave=False)
+    from_gguf = gguf_path is not None and not has_weight_files(model_dir)
+    if gguf_path is None and Path(model_dir).is_dir() and not has_weight_files(model_dir):
+        raise ValueError(f"{model_dir} holds no weight files (safetensors): pass --gguf-path with the model's "
+                         f"GGUF file to read every weight from it")
     with real_host():  # weights are read into host memory (real tensors even under FakeTensorMode)
-        model, tokenizer = load_model(model_dir, dtype=dtype)
+        if from_gguf:  # kTransformers' invocation: config and tokenizer here, every weight in the GGUF
+            model, tokenizer = model_from_gguf(model_dir, gguf_path, dtype or torch.bfloat16)
+        else:
+            model, tokenizer = load_model(model_dir, dtype=dtype)
         if bar is not None:
             bar.update(1)
         report = apply_rules(model, rules, config=model.config)
     if bar is not None:
         bar.update(1)
+    left = experts_on_meta(model) if from_gguf else []
+    if left:
+        raise RuleError(f"{rules_path}: with every weight from the GGUF the rules must hand every routed expert "
+                        f"to the hybrid runtime (an experts or MoE-block operator); {left[0]} is left unread")
     place_model(model, device)  # before the runtime, whose GPU memory check counts what is there
     runtime = attach_runtime(model, overrides=overrides, gguf_path=gguf_path)
     if bar is not None:

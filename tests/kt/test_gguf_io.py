@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from hybrimoe_kt.kt.families import FAMILIES, expert_weights, family_of, moe_blocks  # noqa: E402
-from hybrimoe_kt.kt.gguf_io import (dequantize_experts, gguf_tensor_name, read_gguf_experts,  # noqa: E402
+from hybrimoe_kt.kt.gguf_io import (dequantize_experts, permute_rope_rows, gguf_tensor_name, read_gguf_experts,  # noqa: E402
                                     write_gguf)
 from hybrimoe_kt.kt.tiny import EXPERT_INTERMEDIATE, HIDDEN, N_EXPERTS, build_tiny_model  # noqa: E402
 
@@ -76,9 +76,16 @@ def test_other_tensors_named_and_exact(written) -> None:
     for name, value in state.items():
         if name in skip:
             continue
-        t = tensors[gguf_tensor_name(name)]
+        gname = gguf_tensor_name(name)
+        t = tensors[gname]
         assert t.tensor_type == gguf.GGMLQuantizationType.F32
-        np.testing.assert_array_equal(np.asarray(t.data).reshape(value.shape), value.float().numpy())
+        data = np.asarray(t.data).reshape(value.shape)
+        if spec.gguf_arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's row order
+            cfg = model.config
+            heads = cfg.num_attention_heads if gname.endswith("attn_q.weight") else cfg.num_key_value_heads
+            assert not np.array_equal(data, value.float().numpy())
+            data = permute_rope_rows(data, heads, inverse=True)
+        np.testing.assert_array_equal(data, value.float().numpy())
 
 
 @pytest.mark.parametrize("expert_type,tol", [("bf16", 8e-3), ("q4_0", 0.15), ("f32", 0.0)])
