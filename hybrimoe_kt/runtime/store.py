@@ -8,8 +8,9 @@ CPU kernel and the host-to-GPU copies (no second copy per tier, no staging copy)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from hybrimoe_kt.kernels.cpu_backend import CpuExpertBackend, make_cpu_backend
@@ -57,6 +58,26 @@ class HostExpertStore:
 
         return HostExpertStore([LayerWeights(empty(n_experts, inter, hidden), empty(n_experts, inter, hidden),
                                              empty(n_experts, hidden, inter)) for _ in range(n_layers)])
+
+    @staticmethod
+    def page_locked(layers: Sequence[LayerWeights], alloc: Optional[Callable[[int], np.ndarray]] = None
+                    ) -> "HostExpertStore":
+        """A store over copies of ``layers`` in page-locked host memory of exactly their size
+        (``runtime.page_locked``; torch's pinned allocator would round each tensor up to a power of two),
+        one layer at a time, so that at most one layer is held twice. ``alloc(nbytes)`` -> a uint8
+        buffer replaces the allocator in tests."""
+        if alloc is None:
+            from hybrimoe_kt.runtime.page_locked import page_locked_buffer as alloc
+        out = []
+        for lw in layers:
+            copies = []
+            for t in (lw.gate, lw.up, lw.down):
+                buf = alloc(t.numel() * t.element_size())
+                dst = torch.from_numpy(buf).view(torch.bfloat16).view(t.shape)
+                dst.copy_(t)
+                copies.append(dst)
+            out.append(LayerWeights(*copies))
+        return HostExpertStore(out)
 
     @staticmethod
     def random(n_layers: int, n_experts: int, hidden: int, inter: int, seed: int = 0,

@@ -244,3 +244,36 @@ def test_page_locked_store_serves_real_dma(gguf_file: Path) -> None:
     slots.write_blocks(0, *store.expert_blocks(0, 1), non_blocking=True)
     torch.cuda.synchronize()
     assert all(torch.equal(d[0, :, : b.shape[1]].cpu(), b) for d, b in zip(slots.data, blocks))
+
+
+def test_bf16_store_copies_into_exact_size_page_locked_buffers() -> None:
+    """The bf16 store from a model's weights (``HostExpertStore.page_locked``): byte-identical copies, one
+    buffer of exactly each tensor's bytes, and the CPU tier's output unchanged."""
+    import numpy as np
+
+    from hybrimoe_kt.runtime.store import HostExpertStore
+
+    src = HostExpertStore.random(2, 4, 64, 32, seed=1)
+    sizes: list[int] = []
+
+    def alloc(n: int) -> np.ndarray:
+        sizes.append(n)
+        return np.empty(n, dtype=np.uint8)
+
+    pinned = HostExpertStore.page_locked(src.layers, alloc=alloc)
+    assert sizes == [t.numel() * 2 for lw in src.layers for t in (lw.gate, lw.up, lw.down)]
+    for a, b in zip(src.layers, pinned.layers):
+        for x, y in zip((a.gate, a.up, a.down), (b.gate, b.up, b.down)):
+            assert torch.equal(x, y) and x.data_ptr() != y.data_ptr() and y.is_contiguous()
+    assert pinned.nbytes() == src.nbytes()
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    w = torch.full((3, 2), 0.5)
+    outs = []
+    for store in (src, pinned):
+        b = store.cpu_backend(0, "torch", 1, 2, 8)
+        out = torch.empty(3, 64, dtype=torch.bfloat16)
+        b.submit(x, ids, w, out)
+        b.sync()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
