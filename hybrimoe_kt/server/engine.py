@@ -146,11 +146,11 @@ class Engine:
             self.metrics.add("invalid")
             return
         put(("start", len(prompt)))
-        sampler = Sampler(req.temperature, req.top_p, req.seed)
-        text = TextAssembler(self.tokenizer, req.stop)
         tokens: list[int] = []
         finish, t_first, hit_stop = "length", 0.0, False
-        try:
+        try:  # anything that fails here fails this request alone; the worker goes on
+            sampler = Sampler(req.temperature, req.top_p, req.seed)
+            text = TextAssembler(self.tokenizer, req.stop)
             for token in token_loop(self.model, prompt, sampler, req.max_tokens):
                 tokens.append(token)
                 if len(tokens) == 1:

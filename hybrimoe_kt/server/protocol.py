@@ -1,8 +1,9 @@
 """OpenAI-compatible request validation and response shapes for the server.
 
 ``parse_request`` turns a decoded JSON body into a frozen ``GenRequest`` or raises ``RequestError`` that
-names the bad field and value. Unknown fields are ignored (as OpenAI does); known fields with the wrong
-type are errors. The ``*_response`` / ``*_chunk`` helpers build the JSON objects the endpoints send.
+names the bad field and value. Unknown fields are ignored (as OpenAI does); fields of the OpenAI schema
+this server does not implement (``UNSUPPORTED``: tools, structured output, log-probabilities, logit
+bias, ...) are refused rather than silently ignored; known fields with the wrong type are errors. The ``*_response`` / ``*_chunk`` helpers build the JSON objects the endpoints send.
 """
 
 from __future__ import annotations
@@ -138,8 +139,20 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(stop)
 
 
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs",
+               "top_logprobs", "logit_bias", "best_of", "echo", "suffix", "presence_penalty", "frequency_penalty",
+               "audio", "modalities", "prediction")
+"""OpenAI request fields this server does not implement: a request that sets one gets a 400 naming it
+(null, false, 0 and an empty list or object, the fields' neutral values, are accepted)."""
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what the sampler's generator accepts
+
+
 def parse_request(body: dict[str, Any], kind: Kind, model_name: str, max_tokens_limit: int) -> GenRequest:
     """Validate one chat or completion request body against the served model and token limit."""
+    for key in UNSUPPORTED:
+        v = body.get(key)
+        if v is not None and v is not False and v != 0 and v != [] and v != {}:
+            raise RequestError(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
     model = body.get("model", model_name)
     if not isinstance(model, str):
         raise RequestError(f"'model' must be a string, got {model!r}", param="model")
@@ -160,6 +173,8 @@ def parse_request(body: dict[str, Any], kind: Kind, model_name: str, max_tokens_
     if not 0.0 < top_p <= 1.0:
         raise RequestError(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
     seed = _typed(body, "seed", (int,), "an integer", None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise RequestError(f"'seed' must be an integer in [-2^63, 2^64 - 1], got {seed}"[:200], param="seed")
     n = _typed(body, "n", (int,), "an integer", 1)
     if n != 1:
         raise RequestError(f"'n' must be 1 (one choice per request), got {n}", param="n")

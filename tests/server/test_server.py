@@ -190,6 +190,11 @@ BAD = [
     (CHAT, {"messages": USER, "stream": "yes"}, "stream"),
     (CHAT, {"messages": USER, "top_p": 0}, "top_p"),
     (CHAT, {"messages": USER, "seed": "s"}, "seed"),
+    (CHAT, {"messages": USER, "seed": 2**64}, "seed"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": USER, "logprobs": True}, "logprobs"),
+    (COMP, {"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
     (CHAT, {"messages": USER, "stop": 4}, "stop"),
     (CHAT, {"messages": USER, "stream_options": True}, "stream_options"),
     (CHAT, {"messages": USER, "n": 2}, "n"),
@@ -343,3 +348,10 @@ def test_serve_bad_flags(model_dir: Path, capsys: pytest.CaptureFixture[str]) ->
         assert main(["serve", *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("hybrimoe-kt serve: error:"), err
+
+
+def test_unsupported_fields_at_their_neutral_values_are_accepted(server: Server) -> None:
+    status, r = call(server, "POST", CHAT, {"messages": USER, "max_tokens": 2, "logprobs": False, "tools": [],
+                                            "response_format": None, "presence_penalty": 0, "seed": 2**64 - 1})
+    assert status == 200, r
+    assert r["usage"]["completion_tokens"] >= 1
