@@ -175,7 +175,8 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
                 raise ValueError(f"{op.key}: its weights were already handed to a runtime")
             layers.append(LayerWeights(*op.weights))
         with real_host():  # host memory: real tensors even under FakeTensorMode
-            store = HostExpertStore(layers)
+            # slot copies read the store: page-locked when the tier is CUDA (one layer copied at a time)
+            store = HostExpertStore.page_locked(layers) if tier.pin_ok() else HostExpertStore(layers)
     for op in ops:
         op.weights = None  # the store holds the only host copy
     spec = get_strategy(s.strategy)
