@@ -8,6 +8,10 @@ owns the expert cache, the strategy's policies and its own prediction of the cop
 which booked copies land, from the cost model): the simulator takes those times as truth, the runtime
 uses them for decisions and enforces ordering with real events.
 
+A strategy with a layer-wise prefill (``core.layerwise``) decides a long prefill layer call
+differently: the whole layer is copied to the GPU and computed there, and the layer's GPU experts may
+then be re-placed from the batch (``Decision.replacement``, applied by the executor after the layer).
+
 A strategy with the step cadence (``core.upkeep``) skips the policies in decode: ``decide`` splits a
 decode layer by visible residency (landed by the last ``upkeep``), and the executor calls ``upkeep``
 before every forward, with the previous decode step's routing, to feed the policies and book swaps.
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 from hybrimoe_kt.core.cache import CacheFull, ExpertCache
 from hybrimoe_kt.core.cost import CostModel
+from hybrimoe_kt.core.layerwise import Replacement, device_copy_s
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.schedulers.prefill_choice import choose_prefill
 from hybrimoe_kt.core.stream import StreamPlan, choose_stream, proxy_routing, stream_order
@@ -48,6 +53,10 @@ class Decision:
                                     # background copies
     staged: tuple[int, ...] = ()    # GPU experts served from the staging buffer (``core.stream``)
     stream: StreamPlan | None = None  # copies of the next layer's experts into the staging buffer
+    layerwise: bool = False         # a layer-wise prefill call (``core.layerwise``): every GPU expert
+                                    # waits for the whole ``full_layer`` copy
+    full_layer: tuple[int, ...] = ()  # experts copied into the full-layer buffer, in queue order
+    replacement: Replacement | None = None  # after the layer: evictions/admissions (device copies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +98,8 @@ class Controller:
         if self._step and not is_prefill:
             return self._decide_visible(routing, now)
         pol, cache, layer = self.policies, self.cache, routing.layer
+        if pol.layerwise is not None and pol.layerwise.applies(routing.n_rows, is_prefill):
+            return self._decide_layerwise(routing, now, gpu_free)
         # without a GPU cache there is nothing to rank or admit; a step-cadence strategy may learn its
         # scores from decode steps only (a prompt's routing is a different distribution)
         if self.spec.uses_gpu_cache and (self.spec.learn_from_prefill or not (self._step and is_prefill)):
@@ -167,6 +178,44 @@ class Controller:
         self._staged = StreamPlan(nxt, order, landing)
         return self._staged
 
+    def _decide_layerwise(self, routing: LayerRouting, now: float, gpu_free: float) -> Decision:
+        """A layer-wise prefill call (``core.layerwise``): the layer's copy into the full-layer buffer
+        goes on the copy queue, every activated expert runs on the GPU once the whole copy landed, and
+        the layer's GPU experts may be re-placed from the batch right after (device copies)."""
+        pol, cache, layer, lw = self.policies, self.cache, routing.layer, self.policies.layerwise
+        assert lw is not None
+        pol.eviction.on_route(routing)
+        pol.admission.observe(routing)
+        h, lh, m = cache.account(layer, routing.experts, now)
+        resident = set(cache.resident(layer))
+        copies = lw.copies(cache.n_experts, resident)
+        landed = now
+        if copies and not self._free:  # booked one after another, as demand loads are
+            t = max(self.copy_free_at, now)
+            for _ in copies:
+                t += self._xfer
+            self.copy_free_at = landed = t
+        wait = max(0.0, landed - now)
+        ready = {e: wait for e in routing.experts}
+        gpu = routing.experts
+        launch = gpu_free + (self.cost.gpu_call if gpu else 0.0)  # the launch overlaps the wait
+        compute = sum(self.cost.gpu_expert(n) for n in routing.tokens)
+        evicted, admitted = lw.swaps(routing, cache.n_experts, resident)
+        copy_s = len(admitted) * device_copy_s(self.cost)
+        makespan = max(launch, wait) + compute + copy_s
+        replacement = None
+        if admitted:
+            end = now + makespan
+            for v, e in zip(evicted, admitted):
+                cache.admit((layer, e), end, (), now, victim=(layer, v))
+            replacement = Replacement(layer, tuple((layer, v) for v in evicted),
+                                      tuple((layer, e) for e in admitted), copy_s)
+        pol.prefetcher.observe(routing)
+        self._pending = None
+        plan = Plan(layer, gpu, (), (), (), makespan)
+        return Decision(plan, h, lh, m, {}, ready, (), self.copy_free_at, layerwise=True, full_layer=copies,
+                        replacement=replacement)
+
     def _decide_visible(self, routing: LayerRouting, now: float) -> Decision:
         """Step cadence, decode: visible residents on the GPU, the rest on the CPU; no policy work."""
         self._pending = None
@@ -175,7 +224,11 @@ class Controller:
         return Decision(plan, len(gpu), 0, len(cpu), {}, {}, (), self.copy_free_at)
 
     def visible(self):  # -> np.ndarray [L, E] bool
-        """Step cadence: the experts a decode layer serves from their slot until the next upkeep."""
+        """The experts a decode layer serves from their slot (a new array). Step cadence: those landed
+        by the last upkeep. Otherwise every resident: a layer cadence only changes the cache inside
+        forwards, and the executor hides copies still in flight itself."""
+        if not self._step:
+            return self.cache.resident_mask().copy()
         return self.cache.landed_mask(self.visible_at)
 
     def upkeep(self, last: StepRouting | None, now: float, plan: bool = True) -> UpkeepPlan:

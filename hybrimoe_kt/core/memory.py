@@ -128,7 +128,8 @@ def memory_budget(model: ModelPreset, gpu_format: str, gpu_mem_gib: float,
                   workload: MemoryWorkload = MemoryWorkload(), dense_format: Optional[str] = None,
                   staging_experts: int = 0) -> MemoryBudget:
     """``gpu_format``: the expert slots; ``dense_format``: the other GPU weights (default: the same);
-    ``staging_experts``: slots of the layer-streaming prefill's staging buffers (``core.stream``)."""
+    ``staging_experts``: slots of the layer-streaming prefill's staging buffers (``core.stream``) or of
+    the layer-wise prefill's full-layer buffer (``core.layerwise``)."""
     if gpu_mem_gib < 0:
         raise ValueError(f"gpu_mem_gib must be >= 0 (0 = unknown), got {gpu_mem_gib}")
     if staging_experts < 0:

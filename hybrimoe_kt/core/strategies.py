@@ -15,6 +15,7 @@ import numpy as np
 from hybrimoe_kt.core.admission import AdmissionName, AdmissionRule, make_admission
 from hybrimoe_kt.core.eviction import (EvictionName, ReuseRate, make_policy, place_frequency,
                                        place_per_layer_quota)
+from hybrimoe_kt.core.layerwise import KT_PREFILL_THRESHOLD, LayerwisePrefill
 from hybrimoe_kt.core.prefetch import (ImpactPrefetch, NextScorePrefetch, NoPrefetch, OraclePrefetch,
                                        PrefetcherName, RoutingPredictor)
 from hybrimoe_kt.core.protocols import Clock, EvictionPolicy, Prefetcher, Scheduler
@@ -22,8 +23,8 @@ from hybrimoe_kt.core.schedulers import SchedulerName, make_scheduler
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 from hybrimoe_kt.core.upkeep import StepRebalance
 
-StrategyName = Literal["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer",
-                       "hybrimoe", "oracle", "roofline"]
+StrategyName = Literal["stock", "static-frequency", "kt-frequency", "kt-dynamic-update", "lru-offload",
+                       "hybrimoe-paper", "hybrimoe-layer", "hybrimoe", "oracle", "roofline"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,13 @@ class StrategySpec:
     prefill_stream: bool = False        # prefill: stage the next layer's non-residents while a layer runs
                                         # when the cost model says it pays (core.stream)
     stream_buffer: int = 0              # experts per staging buffer (two alternate); 0 = a whole layer
+    # prefill forwards of at least this many rows run each MoE layer on the GPU after copying the whole
+    # layer into a full-layer buffer (sglang-kt's --kt-gpu-prefill-token-threshold; core.layerwise); 0 = off
+    layerwise_threshold: int = 0
+    layerwise_reload_residents: bool = True  # the full-layer copy includes the layer's GPU experts
+    replace_from_batch: bool = False    # after a layer-wise call the layer's GPU experts become the batch's
+                                        # top ones (sglang-kt's --kt-enable-dynamic-expert-update)
+    host_time_of: str = ""              # the strategy whose measured host time this one is charged ("" = its own)
     free_transfers: bool = False        # bound only: copies take no time and no queue
     uses_gpu_cache: bool = True
     clairvoyant: bool = False           # needs the future (a bound, not a deployable policy)
@@ -81,6 +89,15 @@ class StrategySpec:
             raise ValueError(f"strategy {self.name}: stream_buffer must be >= 0 (0 = a whole layer)")
         if self.step_copy_budget < 0 or self.swap_depth < 1:
             raise ValueError(f"strategy {self.name}: step_copy_budget must be >= 0 and swap_depth >= 1")
+        if self.layerwise_threshold < 0:
+            raise ValueError(f"strategy {self.name}: layerwise_threshold must be >= 0 tokens (0 = off)")
+        if self.layerwise_threshold and (not self.uses_gpu_cache or self.cadence != "layer"
+                                         or self.prefill_stream):
+            raise ValueError(f"strategy {self.name}: the layer-wise prefill needs a GPU cache, the layer "
+                             f"cadence and no layer streaming")
+        if self.replace_from_batch and not self.layerwise_threshold:
+            raise ValueError(f"strategy {self.name}: replace_from_batch re-places after layer-wise prefill "
+                             f"calls: set layerwise_threshold too")
 
 
 STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
@@ -88,6 +105,18 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  "stock", "lru", placement="none", uses_gpu_cache=False),
     StrategySpec("static-frequency", "kt-kernel experts-sched: static GPU set, global top by calibration "
                  "frequency; misses on the CPU", "static", "static", pool="global"),
+    StrategySpec("kt-frequency", "sglang-kt --kt-expert-placement-strategy frequency "
+                 "(generate_gpu_experts_masks): global top-n experts by calibration activation counts, n = "
+                 "--kt-num-gpu-experts x MoE layers, fixed; the rest on the CPU kernel. The same decisions as "
+                 "static-frequency (an alias, charged its host time)", "static", "static", pool="global",
+                 host_time_of="static-frequency"),
+    StrategySpec("kt-dynamic-update", "sglang-kt --kt-enable-dynamic-expert-update with "
+                 f"--kt-gpu-prefill-token-threshold {KT_PREFILL_THRESHOLD}, placed as kt-frequency: prefill "
+                 f"forwards of {KT_PREFILL_THRESHOLD}+ tokens copy each layer whole to the GPU and compute it "
+                 "there, then the layer's GPU experts become the batch's top ones (as many as it held, "
+                 "copied GPU to GPU); decode stays static", "static", "static", pool="global",
+                 layerwise_threshold=KT_PREFILL_THRESHOLD, replace_from_batch=True,
+                 host_time_of="static-frequency"),
     StrategySpec("lru-offload", "MoE-offloading style: per-layer LRU cache, every expert on the GPU, "
                  "misses copied on demand", "offload", "lru"),
     StrategySpec("hybrimoe-paper", "HybriMoE as published, release bugs fixed: hss scheduling, MRS "
@@ -141,6 +170,7 @@ class Policies:
     prefetcher: Prefetcher
     placement: tuple[ExpertId, ...]
     upkeep: Optional[StepRebalance] = None  # the step cadence's planner (None: per-layer cadence)
+    layerwise: Optional[LayerwisePrefill] = None  # the layer-wise prefill (None: off)
 
 
 def slots_for(spec: StrategySpec, n_layers: int, n_experts: int, cache_ratio: float) -> int:
@@ -217,7 +247,9 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
         rate = eviction if ev == "reuse" else estimator  # fed per layer in prefill, per step in decode
         upkeep = StepRebalance(eviction, rate, horizon=spec.reuse_half_life, threshold=spec.admission_margin,
                                budget_steps=spec.step_copy_budget, depth=spec.swap_depth)
-    return Policies(spec, scheduler, eviction, admission, prefetcher, placement, upkeep)
+    layerwise = (LayerwisePrefill(spec.layerwise_threshold, spec.layerwise_reload_residents,
+                                  spec.replace_from_batch) if spec.layerwise_threshold else None)
+    return Policies(spec, scheduler, eviction, admission, prefetcher, placement, upkeep, layerwise)
 
 
 def with_overrides(spec: StrategySpec, **changes: object) -> StrategySpec:

@@ -18,6 +18,9 @@ Per layer:
 3. ``dispatch``: the GPU runs shared experts first, then resident experts, then loads as they land; the
    CPU runs its experts meanwhile, slowed while the copy queue shares host-memory bandwidth with it;
 4. ``background``: the host decides the background copies meanwhile (its background host time);
+   a layer-wise prefill call (``core.layerwise``) instead copies the whole layer on the copy queue,
+   runs every routed expert on the GPU once it landed, and pays its re-placement's device copies
+   on the GPU afterwards;
 5. ``combine``: the layer ends when both tiers and the host's background work are done.
 
 Timing follows the cost model exactly (the same rules as ``core.schedulers.makespan``), so a run is a
@@ -73,6 +76,9 @@ class RunStats:
     prefill_layers_stream: int = 0   # prefill layer calls that read staged experts
     prefill_layers_split: int = 0    # ... that ran experts on the GPU without staged ones
     prefill_layers_cpu: int = 0      # ... that ran every routed expert on the CPU
+    prefill_layers_layerwise: int = 0  # ... that copied the whole layer to the GPU (``core.layerwise``)
+    layerwise_copies: int = 0        # experts copied into the full-layer buffer
+    replaced: int = 0                # GPU experts re-placed from a batch (device-to-device copies)
     hits: int = 0
     late_hits: int = 0
     misses: int = 0
@@ -156,17 +162,26 @@ class _Replay:
         n_stream = len(d.stream.experts) if d.stream is not None else 0
         st.stream_copies += n_stream
         st.stream_used += len(d.staged)
+        st.layerwise_copies += len(d.full_layer)
+        rep = d.replacement
+        if rep is not None:
+            st.replaced += len(rep.admissions)
         if step.is_prefill:
-            if d.staged:
+            if d.layerwise:
+                st.prefill_layers_layerwise += 1
+            elif d.staged:
                 st.prefill_layers_stream += 1
             elif plan.gpu:
                 st.prefill_layers_split += 1
             else:
                 st.prefill_layers_cpu += 1
-        self.copies(len(plan.loads) + len(bg.copies) + n_stream, not step.is_prefill)
+        self.copies(len(plan.loads) + len(bg.copies) + n_stream + len(d.full_layer), not step.is_prefill)
         tokens = dict(zip(r.experts, r.tokens))
         cpu_t = self.cpu_tier(plan.cpu, tokens, d.demand_copy_end - now)
         gpu_end, gpu_t = self.gpu_tier(plan.gpu, tokens, d, shared)
+        if rep is not None:  # the re-placement's device copies follow the layer's compute
+            gpu_end += rep.copy_s
+            gpu_t += rep.copy_s
         kernels_end = max(now + cpu_t, gpu_end)
         self.now = max(kernels_end, now + ht.background)  # background host work beyond the kernels delays
         st.host_delay_s += self.now - kernels_end

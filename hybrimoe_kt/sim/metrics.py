@@ -49,6 +49,9 @@ class Metrics:
     stage_copies: int            # layer-streaming prefill: copies into the staging buffers
     stage_used: int              # staged experts the GPU computed
     prefill_layer_modes: dict    # prefill layer calls by mode: stream / split / cpu (all routed on the CPU)
+                                 # / layerwise (the whole layer copied to the GPU, core.layerwise)
+    layerwise_copies: int        # experts copied into the full-layer buffer (layer-wise prefill)
+    replaced: int                # GPU experts re-placed from a batch after a layer-wise call
     decode_tokens: int
     prefill_tokens: int
     ttft_ms: Optional[float]             # mean over requests (None without request ids or decode)
@@ -108,7 +111,9 @@ class Metrics:
             stage_copies=st.stream_copies,
             stage_used=st.stream_used,
             prefill_layer_modes={"stream": st.prefill_layers_stream, "split": st.prefill_layers_split,
-                                 "cpu": st.prefill_layers_cpu},
+                                 "cpu": st.prefill_layers_cpu, "layerwise": st.prefill_layers_layerwise},
+            layerwise_copies=st.layerwise_copies,
+            replaced=st.replaced,
             decode_tokens=st.decode_tokens,
             prefill_tokens=st.prefill_tokens,
             ttft_ms=req[0], ttft_p90_ms=req[1], tpot_ms=req[2],

@@ -9,7 +9,8 @@ names both in ``oracle_variant``):
   same copy queue, balanced split);
 - ``static-frequency+own-counts``: the static placement learnt from the replayed requests' own
   activation counts (a clairvoyant calibration);
-- every deployable strategy as it is, without host time.
+- every deployable strategy as it is, without host time (the project's, plus any other registered one
+  the run compares, e.g. ``kt-dynamic-update``: ``oracle_variants``).
 
 Every variant pays the copy queue, PCIe and host-memory contention as the deployable strategies do,
 and no host time (a bound: any implementation's host time only adds). The last group makes the oracle
@@ -30,6 +31,16 @@ COPY = "copy"
 OWN = "+own-counts"  # suffix: the structure placed from the replayed requests' own counts
 DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer", "hybrimoe")
 VARIANTS: tuple[str, ...] = (COPY, "static-frequency" + OWN, *DEPLOYABLE)
+
+
+def oracle_variants(specs: Sequence[StrategySpec]) -> tuple[str, ...]:
+    """The oracle's variants for a run of ``specs``: ``VARIANTS`` plus every other registered
+    deployable strategy of the run (so that the oracle bounds it by construction too)."""
+    from hybrimoe_kt.core.strategies import STRATEGIES
+
+    extra = tuple(s.name for s in specs if s.name in STRATEGIES and not s.clairvoyant
+                  and s.name not in VARIANTS and STRATEGIES[s.name] == s)
+    return VARIANTS + extra
 
 
 def variant_spec(oracle: StrategySpec, variant: str) -> StrategySpec:

@@ -17,7 +17,7 @@ from hybrimoe_kt.core.models import ModelPreset
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for
 from hybrimoe_kt.sim.bounds import check_bounds
-from hybrimoe_kt.sim.oracle import VARIANTS, best_variant, uses_own_counts, variant_spec
+from hybrimoe_kt.sim.oracle import best_variant, oracle_variants, uses_own_counts, variant_spec
 from hybrimoe_kt.sim.oracle import own_counts as oracle_counts
 from hybrimoe_kt.sim.engine import RunStats, replay
 from hybrimoe_kt.sim.folds import Fold, make_folds
@@ -71,6 +71,7 @@ class SimSetup:
                              f"calibrate' to measure it, or pass --host-cost zero for an ablation")
         name = f"hardware profile {self.profile.name}"
         base = spec.name.split("/", 1)[0]  # an ablation variant ('hybrimoe/x') pays its base's host time
+        base = spec.host_time_of or base   # a host's strategy pays that of ours making the same calls
         return {p: host.get(base, p, name) for p in PHASES}
 
     def check(self) -> None:
@@ -175,9 +176,13 @@ def check_memory(setup: SimSetup, specs: Sequence[StrategySpec], ratios: Sequenc
 
 
 def spec_budget(setup: SimSetup, spec: Optional[StrategySpec]) -> MemoryBudget:
-    """The GPU memory budget of ``setup`` for ``spec`` (its staging buffers when it streams prefills)."""
-    staging = (staging_slots(spec.stream_buffer, setup.model.n_experts)
-               if spec is not None and spec.prefill_stream else 0)
+    """The GPU memory budget of ``setup`` for ``spec`` (its staging buffers when it streams prefills,
+    its full-layer buffer when it runs layer-wise prefills)."""
+    staging = 0
+    if spec is not None and spec.prefill_stream:
+        staging = staging_slots(spec.stream_buffer, setup.model.n_experts)
+    elif spec is not None and spec.layerwise_threshold:
+        staging = setup.model.n_experts  # one layer, shared by all layers (core.layerwise)
     return memory_budget(setup.model, setup.gpu_format, setup.profile.gpu_mem_gib,
                          dense_format=setup.dense_format, staging_experts=staging)
 
@@ -200,8 +205,9 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
     cost = RooflineCost.build(setup.profile, setup.model, setup.cpu_format, setup.gpu_format, setup.dense_format)
     host = {s.name: setup.host_times(s) for s in specs}  # fails on a missing host time before any work
     folds = make_folds(t, setup.prefill_chunk)
+    variants = oracle_variants(specs)
     jobs: list[Job] = [(s, r, v) for r in ratios for s in specs
-                       for v in (VARIANTS if s.name == "oracle" else (None,))]
+                       for v in (variants if s.name == "oracle" else (None,))]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -221,10 +227,10 @@ def simulate(setup: SimSetup, strategies: Iterable[str | StrategySpec], ratios: 
             oracle_variant = None
             if spec.name == "oracle":  # the best clairvoyant variant (sim/oracle.py)
                 runs = [Metrics.from_stats(done[(spec, ratio, v)], setup.time_scale, cost,
-                                           variant_spec(spec, v).free_transfers) for v in VARIANTS]
-                i = best_variant(list(VARIANTS), [m.decode_tok_s for m in runs])
-                j = best_variant(list(VARIANTS), [m.prefill_tok_s for m in runs])
-                oracle_variant = {"decode": VARIANTS[i], "prefill": VARIANTS[j]}
+                                           variant_spec(spec, v).free_transfers) for v in variants]
+                i = best_variant(list(variants), [m.decode_tok_s for m in runs])
+                j = best_variant(list(variants), [m.prefill_tok_s for m in runs])
+                oracle_variant = {"decode": variants[i], "prefill": variants[j]}
                 m = dataclasses.replace(runs[i], prefill_tok_s=runs[j].prefill_tok_s)
             else:
                 m = Metrics.from_stats(done[(spec, ratio, None)], setup.time_scale, cost, spec.free_transfers)

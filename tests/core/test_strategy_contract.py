@@ -126,12 +126,21 @@ def cost_model():  # type: ignore[no-untyped-def]
     return _COST
 
 
+LAYERWISE = "kt-dynamic-update@8"  # kt-dynamic-update with a threshold the small trace's 8-row chunks reach
+
+
+def spec_of(name: str, pool: str) -> StrategySpec:
+    if name == LAYERWISE:
+        return with_overrides(get_strategy("kt-dynamic-update"), layerwise_threshold=8, pool=pool)
+    return with_overrides(get_strategy(name), pool=pool)
+
+
 def variants() -> list[tuple[str, str]]:
     out = []
     for name, spec in STRATEGIES.items():
         pools = ["layer", "global"] if spec.uses_gpu_cache else [spec.pool]  # stock has no cache
         out += [(name, p) for p in pools]
-    return out
+    return out + [(LAYERWISE, "layer"), (LAYERWISE, "global")]
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +151,10 @@ def trace() -> Trace:
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 @pytest.mark.parametrize("name, pool", variants())
 def test_strategy_contract(trace: Trace, name: str, pool: str, ratio: float) -> None:
-    spec = with_overrides(get_strategy(name), pool=pool)
+    spec = spec_of(name, pool)
     stats, caches = drive(spec, trace, ratio)
+    if name == LAYERWISE:
+        assert stats.prefill_layers_layerwise > 0, "the layer-wise variant never ran a layer on the GPU"
     # determinism: a second run makes the same decisions and the same totals
     stats2, caches2 = drive(spec, trace, ratio)
     assert [c.evictions for c in caches] == [c.evictions for c in caches2]
@@ -157,7 +168,13 @@ def test_strategy_contract(trace: Trace, name: str, pool: str, ratio: float) -> 
     if not spec.uses_gpu_cache:
         assert all(len(c) == 0 for c in caches) and stats.hits == 0 and n_evicted == 0
     elif spec.scheduler == "static" and not spec.admit_misses and spec.prefetch == "none":
-        assert n_evicted == 0 and stats.bytes_copied == 0  # a static cache never changes
+        if spec.layerwise_threshold and stats.prefill_layers_layerwise:
+            # layer-wise prefill calls copy whole layers and re-place from the batch, nothing else
+            assert stats.layerwise_copies == stats.prefill_layers_layerwise * trace.n_experts
+            assert stats.bytes_copied == stats.layerwise_copies * cost_model().expert_bytes_gpu
+            assert stats.replaced == n_evicted > 0 and stats.demand_loads == stats.background_copies == 0
+        else:
+            assert n_evicted == 0 and stats.bytes_copied == 0  # a static cache never changes
     else:
         assert n_evicted > 0, "the cache is small enough that this strategy has to evict"
 
