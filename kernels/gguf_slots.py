@@ -84,6 +84,16 @@ class GgufSlotWeights:
             self.codes[p, s].fill_(TYPE_CODES.get(name, 0))
         self.types[s] = names  # type: ignore[assignment]
 
+    def copy_slot(self, dst: int, src: int, non_blocking: bool = False) -> None:
+        """Copy slot ``src`` (blocks and type codes) into slot ``dst`` on the device."""
+        for s in (dst, src):
+            if not 0 <= s < self.n_slots:
+                raise IndexError(f"slot {s} out of range [0, {self.n_slots})")
+        for d in self.data:
+            d[dst].copy_(d[src], non_blocking=non_blocking)
+        self.codes[:, dst].copy_(self.codes[:, src], non_blocking=non_blocking)
+        self.types[dst] = self.types[src]
+
     def dequant_slot(self, s: int, dtype: torch.dtype = torch.float32
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slot ``s`` as plain weights: ``gate [I, H]``, ``up [I, H]``, ``down [H, I]`` in ``dtype``."""

@@ -100,6 +100,14 @@ class SlotWeights:
         self.write_packed(s, quantize_expert(gate.to(self.device), up.to(self.device), down.to(self.device),
                                              self.fmt, self.group))
 
+    def copy_slot(self, dst: int, src: int, non_blocking: bool = False) -> None:
+        """Copy slot ``src`` into slot ``dst`` on the device (the caller orders it against compute)."""
+        self._check_slot(dst)
+        self._check_slot(src)
+        for q in (self.gate, self.up, self.down):
+            for t in q.tensors():
+                t[dst].copy_(t[src], non_blocking=non_blocking)
+
     def slot(self, s: int) -> PackedExpert:
         """Views of slot ``s`` (no copy)."""
         def view(q: QuantTensor) -> QuantTensor:

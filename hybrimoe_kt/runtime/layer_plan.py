@@ -5,7 +5,9 @@ submitted (asynchronous); demand loads go on the copy stream; the GPU experts ru
 (waiting on copy events, no per-expert host syncs) with the shared experts meanwhile; experts that
 found no evictable slot are streamed through a scratch slot (copied, computed once, not admitted).
 A layer-streaming prefill (``core.stream``) reads its staged experts from the staging buffer, and the
-next layer's staging copies are queued behind this layer's demand loads.
+next layer's staging copies are queued behind this layer's demand loads. A layer-wise prefill call
+(``core.layerwise``) copies the layer into the full-layer buffer and reads its experts from there; its
+re-placement is applied after the layer's kernels (``apply_replacement``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def dispatch_plan(pool: SlotPool, tiers: Tiers, mask: np.ndarray, slot_of: np.nd
             pool.load((layer, e))
     if d.stream is not None:  # the next layer's experts, copied while this one runs
         pool.stage(d.stream.layer, d.stream.experts)
-    staged = set(d.staged)
+    if d.full_layer:  # a layer-wise call: the whole layer into the full-layer buffer
+        pool.fill_layer(layer, d.full_layer)
+    staged = set(d.staged) | set(d.full_layer)
     slot_of.fill(-1)
     resident_slots = []
     for e in plan.gpu:
@@ -72,3 +76,15 @@ def dispatch_plan(pool: SlotPool, tiers: Tiers, mask: np.ndarray, slot_of: np.nd
             out += gpu_experts_forward(x_dev, sid, w_dev, pool.weights, active_slots=[s])
             pool.after_compute([s])
     return cpu_out, out, shared_out
+
+
+def apply_replacement(pool: SlotPool, d: Decision) -> None:
+    """A layer-wise call's re-placement: free the evicted experts' slots, then copy each admitted expert
+    from the full-layer buffer into a slot (queued behind the layer's kernels by the slot events)."""
+    rep = d.replacement
+    if rep is None:
+        return
+    for eid in rep.evictions:
+        pool.release(eid)
+    for eid in rep.admissions:
+        pool.admit_from_buffer(eid)

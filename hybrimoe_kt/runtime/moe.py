@@ -41,7 +41,7 @@ from hybrimoe_kt.kernels.gpu_experts import gpu_experts_forward
 from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_forward
 from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode, graph_unsupported, triton_reads
-from hybrimoe_kt.runtime.layer_plan import dispatch_plan
+from hybrimoe_kt.runtime.layer_plan import apply_replacement, dispatch_plan
 from hybrimoe_kt.runtime.routing_io import check_call, route_to_host, to_host, to_host_placeholder
 from hybrimoe_kt.runtime.slots import SlotPool
 from hybrimoe_kt.runtime.step_cadence import StepCadence
@@ -87,6 +87,8 @@ class HybridMoE:
                                  self.policies.eviction, global_pool=spec.pool == "global")
         self.controller = Controller(self.policies, self.cache, cost, self.clock, top_k)
         n_stage = staging_slots(spec.stream_buffer, n_experts) if spec.prefill_stream else 0
+        if spec.layerwise_threshold:  # one full-layer buffer (core.layerwise), an even slot count
+            n_stage = n_experts + n_experts % 2
         self.pool = SlotPool(tier, store, self.cache.capacity, n_scratch, n_stage=n_stage)
         if cpu_backends is not None:  # prebuilt for this store (shared by runtimes over one store)
             if len(cpu_backends) != n_layers:
@@ -233,6 +235,7 @@ class HybridMoE:
         t_plan = self._timer()
         cpu_out, out, shared_out = dispatch_plan(self.pool, self._tiers, self._masks[layer], self._slot_lut, layer,
                                                  x, topk_weights, ids_cpu, w_cpu, ids_np, d, shared)
+        apply_replacement(self.pool, d)  # a layer-wise call's re-placement, behind its kernels
         t_dispatch = self._timer()
         self._background()
         t_background = self._timer()

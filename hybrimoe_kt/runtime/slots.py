@@ -20,6 +20,9 @@ Scratch slots beyond the cache's capacity serve demand loads that found no evict
 copied, computed once, never admitted). Staging slots after them hold the layer-streaming prefill's two
 buffers (``core.stream``): layer ``l``'s staged experts go to buffer ``l % 2``, copied while layer
 ``l - 1`` runs, read by layer ``l``, and overwritten (after those reads, by the same events) two layers on.
+A layer-wise prefill (``core.layerwise``) uses the staging slots as one full-layer buffer instead
+(``fill_layer``): a layer's experts are copied there, computed, and a re-placed expert is copied from
+there into its cache slot on the device (``admit_from_buffer``).
 """
 
 from __future__ import annotations
@@ -124,6 +127,42 @@ class SlotPool:
             self._copy((layer, e), base + j)
             self.staged[(layer, e)] = base + j
         self.stage_copies += len(experts)
+
+    def fill_layer(self, layer: int, experts: tuple[int, ...]) -> None:
+        """Copy ``layer``'s ``experts`` into the full-layer buffer (the staging slots, expert ``j`` of the
+        list at slot ``j``), replacing what it held; each copy waits for the reads of its slot."""
+        if len(experts) > self.n_stage:
+            raise ValueError(f"{len(experts)} experts for the full-layer buffer, it holds {self.n_stage}")
+        base = self.n_slots + self.n_scratch
+        self.staged = {}
+        for j, e in enumerate(experts):
+            self._copy((layer, e), base + j)
+            self.staged[(layer, e)] = base + j
+        self.stage_copies += len(experts)
+
+    def admit_from_buffer(self, eid: ExpertId) -> int:
+        """Give ``eid`` a free slot and copy it there on the device from the full-layer buffer (after the
+        slot's last reads; the buffer slot is rewritten only behind this copy on the copy stream)."""
+        src = self.staged.get(eid)
+        if src is None:
+            raise RuntimeError(f"{eid} is not in the full-layer buffer: nothing to copy it from")
+        if eid in self.table or not self.free:
+            raise RuntimeError(f"slot pool out of sync with the cache: cannot admit {eid}")
+        s = self.free.pop()
+        self.table[eid] = s
+        self.slot_table[eid] = s
+        tier = self.tier
+        with tier.copying():
+            for ev in (self.last_read[s], self.copy_done[src], self._barrier):
+                if ev is not None:
+                    tier.wait_on_copy_stream(ev)
+            self.weights.copy_slot(s, src, non_blocking=tier.is_cuda)
+            self.copy_done[s] = tier.record_on_copy()
+        ev = self.copy_done[s]
+        if ev is not None and tier.is_cuda:
+            self._in_flight[eid] = ev
+        self.copies += 1
+        return s
 
     def _copy(self, eid: ExpertId, s: int) -> None:
         layer, e = eid

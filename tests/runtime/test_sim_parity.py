@@ -24,7 +24,7 @@ from hybrimoe_kt.core.cost import RooflineCost
 from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.host import HostTime
 from hybrimoe_kt.core.protocols import Clock
-from hybrimoe_kt.core.strategies import build_policies, get_strategy, slots_for
+from hybrimoe_kt.core.strategies import StrategySpec, build_policies, get_strategy, slots_for, with_overrides
 from hybrimoe_kt.measure.fidelity import sim_steps
 from hybrimoe_kt.runtime.device import Tier
 from hybrimoe_kt.runtime.harness import StackShape, random_store
@@ -61,6 +61,7 @@ def _record(ctl: Controller, log: list[dict[str, Any]], upkeeps: list[dict[str, 
         d = decide(routing, now, gpu_free, is_prefill)
         cur.update({"now": now, "gpu_free": gpu_free, "prefill": is_prefill, "plan": d.plan,
                     "streamed": d.streamed, "staged": d.staged, "stream": d.stream,
+                    "full_layer": d.full_layer, "replacement": d.replacement,
                     "n_gpu": len(d.plan.gpu), "n_cpu": len(d.plan.cpu)})
         return d
 
@@ -109,6 +110,13 @@ def setup() -> dict[str, Any]:
 
 
 STREAM = "hybrimoe+stream"  # hybrimoe under a cost model where its prefill streams (core.stream)
+LAYERWISE = "kt-dynamic-update@4"  # kt-dynamic-update with a threshold the 4-row prefill chunks reach
+
+
+def _spec(name: str) -> StrategySpec:
+    if name == LAYERWISE:
+        return with_overrides(get_strategy("kt-dynamic-update"), layerwise_threshold=4)
+    return get_strategy(name)
 
 
 def _strategy_cost(s: dict[str, Any], name: str) -> tuple[str, RooflineCost]:
@@ -123,7 +131,7 @@ def _strategy_cost(s: dict[str, Any], name: str) -> tuple[str, RooflineCost]:
 def simulate(s: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch,
              upkeeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     name, cost = _strategy_cost(s, name)
-    spec = get_strategy(name)
+    spec = _spec(name)
     slots = slots_for(spec, SHAPE.n_layers, SHAPE.n_experts, RATIO)
     clock = Clock()
     pol = build_policies(spec, SHAPE.n_layers, SHAPE.n_experts, SHAPE.top_k, slots, clock, counts=s["counts"])
@@ -145,7 +153,7 @@ def simulate(s: dict[str, Any], name: str, monkeypatch: pytest.MonkeyPatch,
 def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]],
                 upkeeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     name, cost = _strategy_cost(s, name)
-    spec = get_strategy(name)
+    spec = _spec(name)
     timer = ManualTimer()
     moe = HybridMoE(s["store"], Tier("cpu"), spec, slots_for(spec, SHAPE.n_layers, SHAPE.n_experts, RATIO),
                     cost, SHAPE.top_k, counts=s["counts"], cpu_backend="torch", cpu_threads=1, max_len=8,
@@ -179,8 +187,8 @@ def run_runtime(s: dict[str, Any], name: str, sim: list[dict[str, Any]],
     return log
 
 
-@pytest.mark.parametrize("name", ["stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer",
-                                  "hybrimoe", STREAM])
+@pytest.mark.parametrize("name", ["stock", "static-frequency", "kt-frequency", "kt-dynamic-update", LAYERWISE,
+                                  "lru-offload", "hybrimoe-paper", "hybrimoe-layer", "hybrimoe", STREAM])
 def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     sim_up: list[dict[str, Any]] = []
@@ -189,7 +197,8 @@ def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: 
     rt = run_runtime(setup, name, sim, rt_up)
     assert len(rt) == len(sim) == len(setup["steps"]) * SHAPE.n_layers
     name, n_cost = _strategy_cost(setup, name)
-    lookup = get_strategy(name).decode_lookup
+    spec = _spec(name)
+    lookup = spec.decode_lookup
     for i, (a, b) in enumerate(zip(rt, sim)):
         where = f"{name}, layer call {i} (layer {b['plan'].layer})"
         assert (a["n_gpu"], a["n_cpu"]) == (b["n_gpu"], b["n_cpu"]), where
@@ -205,9 +214,10 @@ def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: 
         assert a["plan"] == b["plan"], where                  # gpu, cpu, loads, evictions, prediction
         assert a["streamed"] == b["streamed"], where
         assert a["staged"] == b["staged"] and a["stream"] == b["stream"], where  # layer streaming
+        assert a["full_layer"] == b["full_layer"] and a["replacement"] == b["replacement"], where
         assert a["background"] == b["background"], where      # copies, their evictions and landings
     # the step upkeeps: same inputs (time, recorded routing), same plans, same published residency
-    assert len(rt_up) == len(sim_up) == (len(setup["steps"]) if get_strategy(name).cadence == "step" else 0)
+    assert len(rt_up) == len(sim_up) == (len(setup["steps"]) if spec.cadence == "step" else 0)
     for j, (a, b) in enumerate(zip(rt_up, sim_up)):
         assert a["now"] == pytest.approx(b["now"], rel=1e-12) and a["plan"] == b["plan"], j
         assert (a["last"] is None) == (b["last"] is None), j
@@ -221,6 +231,9 @@ def test_runtime_and_simulator_make_the_same_plans(setup: dict[str, Any], name: 
         assert sum(len(c["plan"].loads) + len(c["background"].copies) for c in sim) > 0
     if name == "hybrimoe":
         assert sum(len(u["up"].copies) for u in sim_up) > 0, "the upkeep never swapped an expert in"
+    if name == LAYERWISE:  # layer-wise prefill calls ran, copied whole layers and re-placed experts
+        assert any(c.get("full_layer") for c in sim) and any(c.get("replacement") for c in sim)
+        assert all(c["n_cpu"] == 0 for c in rt if c.get("full_layer"))
     staged = sum(len(c.get("staged", ())) for c in sim)
     if n_cost is not setup["cost"]:  # the streaming case: layers read staged experts
         assert staged > 0 and any(c.get("stream") is not None for c in sim)
