@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -52,6 +52,27 @@ class RuntimeSettings:
     device: str
 
 
+def runtime_settings(key: str, kwargs: Mapping[str, Any], default_strategy: str, device: str) -> RuntimeSettings:
+    """The runtime settings a rule's kwargs give (names as in ``HybriMoEExperts.KWARGS``; others are
+    ignored here, the caller checks them): at most one GPU budget, ``cache_ratio: 0.25`` when none."""
+    budget = [k for k in ("cache_ratio", "gpu_slots", "gpu_gib") if kwargs.get(k) is not None]
+    if len(budget) > 1:
+        raise ValueError(f"{key}: give at most one GPU expert budget, got {budget}")
+    ratio = kwargs.get("cache_ratio")
+    if not budget:
+        ratio = 0.25
+    if ratio is not None and not 0.0 <= float(ratio) <= 1.0:
+        raise ValueError(f"{key}: cache_ratio must be in [0, 1], got {ratio}")
+    return RuntimeSettings(
+        strategy=str(kwargs.get("strategy", default_strategy)),
+        cache_ratio=None if ratio is None else float(ratio),
+        gpu_slots=kwargs.get("gpu_slots"), gpu_gib=kwargs.get("gpu_gib"),
+        prefetch_depth=kwargs.get("prefetch_depth"), cpu_threads=kwargs.get("cpu_threads"),
+        cpu_backend=str(kwargs.get("cpu_backend", "auto")),
+        hardware_profile=str(kwargs.get("hardware_profile", "rtx4090-ddr5")),
+        placement_counts=kwargs.get("placement_counts"), device=device)
+
+
 class HybriMoEExperts(torch.nn.Module):
     KWARGS = frozenset({"strategy", "cache_ratio", "gpu_slots", "gpu_gib", "prefetch_depth", "cpu_threads",
                         "cpu_backend", "hardware_profile", "placement_counts"})
@@ -67,24 +88,9 @@ class HybriMoEExperts(torch.nn.Module):
         if m is None:
             raise ValueError(f"{key}: cannot tell the decoder layer from the module name; the rule must "
                              f"match a module under 'layers.<i>.'")
-        budget = [k for k in ("cache_ratio", "gpu_slots", "gpu_gib") if kwargs.get(k) is not None]
-        if len(budget) > 1:
-            raise ValueError(f"{key}: give at most one GPU expert budget, got {budget}")
-        ratio = kwargs.get("cache_ratio")
-        if not budget:
-            ratio = 0.25
-        if ratio is not None and not 0.0 <= float(ratio) <= 1.0:
-            raise ValueError(f"{key}: cache_ratio must be in [0, 1], got {ratio}")
         self.key = key
         self.layer_index = int(m.group(1))
-        self.settings = RuntimeSettings(
-            strategy=str(kwargs.get("strategy", self.DEFAULT_STRATEGY)),
-            cache_ratio=None if ratio is None else float(ratio),
-            gpu_slots=kwargs.get("gpu_slots"), gpu_gib=kwargs.get("gpu_gib"),
-            prefetch_depth=kwargs.get("prefetch_depth"), cpu_threads=kwargs.get("cpu_threads"),
-            cpu_backend=str(kwargs.get("cpu_backend", "auto")),
-            hardware_profile=str(kwargs.get("hardware_profile", "rtx4090-ddr5")),
-            placement_counts=kwargs.get("placement_counts"), device=str(generate_device))
+        self.settings = runtime_settings(key, kwargs, self.DEFAULT_STRATEGY, str(generate_device))
         self.weights: Optional[tuple[torch.Tensor, ...]] = stacked_expert_weights(orig_module)
         self.n_experts = int(self.weights[0].shape[0])
         self.runtime: Any = None   # the shared HybridMoE, set by attach_runtime

@@ -6,7 +6,7 @@ import logging
 import re
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -145,6 +145,44 @@ def _phase(args: tuple, kwargs: dict) -> Optional[bool]:
     return None
 
 
+MemoryCheck = Callable[[int, int, int], None]  # (slot bytes, slots, most slots) -> raises when they do not fit
+
+
+def build_runtime(store: HostExpertStore | GgufExpertStore, s: RuntimeSettings, tier: Tier, preset: ModelPreset,
+                  top_k: int, key: str, operator: str, check_memory: MemoryCheck) -> HybridMoE:
+    """The HybridMoE of ``store`` under settings ``s``: the strategy, the GPU slot count from the budget,
+    the cost model (``preset`` with the store's real expert bytes), the placement counts, the memory
+    check (``check_memory``), the CPU kernels. ``key`` and ``operator`` name the first MoE operator in
+    errors."""
+    spec = get_strategy(s.strategy)
+    if s.prefetch_depth is not None:
+        spec = with_overrides(spec, prefetch_depth=int(s.prefetch_depth))
+    n_l, n_e = store.n_layers, store.n_experts
+    if s.gpu_slots is not None:
+        total = int(s.gpu_slots)
+    elif s.gpu_gib is not None:
+        total = int(float(s.gpu_gib) * 2**30 // store.expert_bytes())
+    else:
+        total = slots_for(replace(spec, pool="global"), n_l, n_e, float(s.cache_ratio or 0.0))
+    slots = total if spec.pool == "global" else total // n_l
+    host_bytes = (store.quantized_bytes() // (n_l * n_e) if hasattr(store, "quantized_bytes")
+                  else store.expert_bytes())  # one expert as the CPU tier reads it
+    cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16",
+                              expert_bytes=(host_bytes, store.expert_bytes()))
+    counts = _counts(s.placement_counts, n_l, n_e)
+    if spec.eviction == "static" and slots > 0 and counts is None:
+        raise ValueError(f"{key}: strategy {spec.name} ({operator}) keeps a fixed GPU expert "
+                         f"set chosen by calibration frequency and needs calibration counts: add "
+                         f"'placement_counts: <routing trace or .npy of [L, E] counts>' to the rule's kwargs "
+                         f"(record a trace on other prompts with 'hybrimoe-kt record'), or give it no GPU "
+                         f"budget (cache_ratio: 0)")
+    staging = staging_slots(spec.stream_buffer, n_e) if spec.prefill_stream else 0
+    check_memory(store.expert_bytes(), (slots if spec.pool == "global" else slots * n_l) + staging,
+                 n_l * n_e + staging)
+    return HybridMoE(store, tier, spec, slots, cost, top_k, counts=counts,
+                     cpu_backend=s.cpu_backend, cpu_threads=s.cpu_threads)
+
+
 def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
                    overrides: Optional[Mapping[str, Any]] = None,
                    gguf_path: Optional[str | Path] = None) -> Optional[HybridMoE]:
@@ -179,34 +217,12 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
             store = HostExpertStore.page_locked(layers) if tier.pin_ok() else HostExpertStore(layers)
     for op in ops:
         op.weights = None  # the store holds the only host copy
-    spec = get_strategy(s.strategy)
-    if s.prefetch_depth is not None:
-        spec = with_overrides(spec, prefetch_depth=int(s.prefetch_depth))
-    n_l, n_e = store.n_layers, store.n_experts
-    if s.gpu_slots is not None:
-        total = int(s.gpu_slots)
-    elif s.gpu_gib is not None:
-        total = int(float(s.gpu_gib) * 2**30 // store.expert_bytes())
-    else:
-        total = slots_for(replace(spec, pool="global"), n_l, n_e, float(s.cache_ratio or 0.0))
-    slots = total if spec.pool == "global" else total // n_l
-    preset = preset_from_config(config, n_l, n_e, k, store.hidden, store.intermediate, model)
-    host_bytes = (store.quantized_bytes() // (n_l * n_e) if hasattr(store, "quantized_bytes")
-                  else store.expert_bytes())  # one expert as the CPU tier reads it
-    cost = RooflineCost.build(load_profile(s.hardware_profile), preset, "bf16", "bf16",
-                              expert_bytes=(host_bytes, store.expert_bytes()))
-    counts = _counts(s.placement_counts, n_l, n_e)
-    if spec.eviction == "static" and slots > 0 and counts is None:
-        raise ValueError(f"{ops[0].key}: strategy {spec.name} ({type(ops[0]).__name__}) keeps a fixed GPU expert "
-                         f"set chosen by calibration frequency and needs calibration counts: add "
-                         f"'placement_counts: <routing trace or .npy of [L, E] counts>' to the rule's kwargs "
-                         f"(record a trace on other prompts with 'hybrimoe-kt record'), or give it no GPU "
-                         f"budget (cache_ratio: 0)")
-    staging = staging_slots(spec.stream_buffer, n_e) if spec.prefill_stream else 0
-    check_gpu_memory(model, s.device, store.expert_bytes(),
-                     (slots if spec.pool == "global" else slots * n_l) + staging, n_l * n_e + staging)
-    runtime = HybridMoE(store, tier, spec, slots, cost, k, counts=counts,
-                        cpu_backend=s.cpu_backend, cpu_threads=s.cpu_threads)
+    preset = preset_from_config(config, store.n_layers, store.n_experts, k, store.hidden, store.intermediate,
+                                model)
+    runtime = build_runtime(store, s, tier, preset, k, ops[0].key, type(ops[0]).__name__,
+                            lambda slot_bytes, slots, max_slots: check_gpu_memory(model, s.device, slot_bytes,
+                                                                                  slots, max_slots))
+    n_l, n_e, spec = store.n_layers, store.n_experts, runtime.spec
     for i, op in enumerate(ops):
         op.runtime, op.moe_index = runtime, i
     _mark_forward_start(model, ops[0].key, runtime)
