@@ -17,7 +17,9 @@ the kernels serve from a slot: the GPU kernel through ``gpu_experts_mask_cuda`` 
   kernel (the host's layer has no scratch slot). A call at or above kt's
   ``--kt-gpu-prefill-token-threshold`` runs kt's full-GPU path untouched.
 - Decode layer calls only record the routing into a device buffer (a captured copy, so it works
-  inside CUDA graphs); kt's ``apply`` reads the masks the last upkeep published.
+  inside CUDA graphs); kt's ``apply`` reads the masks the last upkeep published. So do layer calls
+  of forwards the hook did not announce (sglang's CUDA graph capture and its warm-up runs call the
+  model directly) and calls inside a capture: they never plan.
 
 Every change is written in place into the same tensors (``host.copy_into``): no allocation after the
 first call, no rebinding, so captured graphs and the C++ kernel keep reading them. Before slot
@@ -192,8 +194,9 @@ class ModelCoordinator:
         i = self.index[layer_id]
         x, ids, w = host.routing_of(dispatch_output)
         n = int(x.shape[0])
-        kind = self._kind or ("prefill" if n > 1 else "decode")  # no step hook: by the call's rows
-        if kind == "decode":
+        # a layer call outside a forward the step hook announced (CUDA graph capture and its warm-up
+        # runs call the model directly), or inside a capture, only records: it never plans
+        if self._kind != "prefill" or host.capturing():
             if self.rank == 0:
                 m = min(n, self.settings.max_decode_rows)
                 self._ids[i, :m].copy_(ids[:m])

@@ -177,6 +177,11 @@ def scatter(out: torch.Tensor, parts: Optional[list[torch.Tensor]]) -> None:
     dist.scatter(out, scatter_list=parts, src=0, group=_module(DISTRIBUTED).get_tp_group().device_group)
 
 
+def capturing() -> bool:
+    """Inside a CUDA graph capture (no host copies, no synchronization allowed)."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def synchronize() -> None:
     """Wait for the device: the previous forward's kernels and CPU tasks read the slots and masks."""
     if torch.cuda.is_available():

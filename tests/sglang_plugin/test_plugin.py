@@ -258,6 +258,21 @@ def test_prefill_plan_sets_the_layers_split_and_demand_loads(monkeypatch: pytest
     assert coord.stats.cpu_fallbacks == sum(len(d.streamed) for d in plans)
 
 
+def test_calls_outside_announced_forwards_never_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA graph capture runs the model without ModelRunner.forward: such calls only record."""
+    host = plugin_host(monkeypatch)
+    model, runner = host.build(ServerArgs(), K, H, I)
+    masks = [layer.quant_method.inner.gpu_experts_mask.clone() for layer in model.layers]
+    fb = ForwardBatch(ForwardMode("decode"), 8, [routing(0, l, 8) for l in range(L)])
+    with torch.no_grad():
+        out = model(fb)  # 8 rows, not through the runner
+    for l, (args, y) in enumerate(zip(fb.inputs, out)):
+        assert float((y - reference(host.experts, l, *args)).norm()) < 2e-2 * float(reference(host.experts, l, *args).norm())
+    coord = importlib.import_module("hybrimoe_kt.sglang.plugin").current()
+    assert coord.stats.demand_loads == coord.stats.upkeeps == coord.stats.syncs == 0
+    assert all(torch.equal(m, layer.quant_method.inner.gpu_experts_mask) for m, layer in zip(masks, model.layers))
+
+
 def test_kt_full_gpu_prefill_is_left_to_kt(monkeypatch: pytest.MonkeyPatch) -> None:
     host = plugin_host(monkeypatch)
     model, runner = host.build(ServerArgs(kt_gpu_prefill_token_threshold=16), K, H, I)
