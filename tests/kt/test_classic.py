@@ -98,8 +98,8 @@ def test_class_is_built_on_kt_bases_once(kt: dict) -> None:
     from hybrimoe_kt.kt.classic import KHybriMoEExperts
     from hybrimoe_kt.kt.contract import accepted_kwargs
 
-    assert issubclass(KHybriMoEExperts, (fake_kt.BaseInjectedModule,)) and issubclass(KHybriMoEExperts,
-                                                                                      fake_kt.KExpertsBase)
+    assert issubclass(KHybriMoEExperts, fake_kt.BaseInjectedModule)
+    assert issubclass(KHybriMoEExperts, fake_kt.KExpertsBase)
     assert classic.KHybriMoEExperts is KHybriMoEExperts
     assert f"{KHybriMoEExperts.__module__}.{KHybriMoEExperts.__qualname__}" == "hybrimoe_kt.kt.classic.KHybriMoEExperts"
     assert {"strategy", "gpu_gib", "out_device", "backend", "prefill_op", "generate_device"} <= accepted_kwargs(
@@ -200,7 +200,7 @@ def test_modes_unload_and_reload(kt: dict) -> None:
     assert ops[2].mode == "PREFILL" and ops[0].registry.builds == 2 and ops[0].runtime is ops[2].runtime
     assert rel(ops[2](x, ids, w), before) < 1e-2
     ops[1].unload()
-    assert ops[1].mode == "UNLOAD" and not ops[1].is_loaded
+    assert ops[1].mode == "UNLOAD" and not ops[1].is_loaded and ops[0].runtime is None
     with pytest.raises(ValueError, match="InferenceState"):
         ops[0].set_inference_mode("RESTORE")
 
@@ -252,8 +252,7 @@ def test_graph_capture_is_refused(kt: dict, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     x, ids, w = routing(1, 0)
-    for call in (lambda: ops[0](x, ids, w),
-                 lambda: ops[0].generate_experts.submit_for_one_decode(x[0], ids[0], w[0])):
+    for call in (lambda: ops[0](x, ids, w), lambda: ops[0].generate_experts.submit_for_one_decode(x[0], ids[0], w[0])):
         with pytest.raises(RuntimeError, match="--use_cuda_graph False") as e:
             call()
         assert "\n" not in str(e.value)
@@ -261,8 +260,7 @@ def test_graph_capture_is_refused(kt: dict, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_cpu_threads_from_kt_config(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_kt.install(monkeypatch, cpu_infer=3)
-    loader = fake_kt.fused_loader(quantized())
-    (op,) = build(loader, layers=(1,), cpu_threads=None)
+    (op,) = build(fake_kt.fused_loader(quantized()), layers=(1,), cpu_threads=None)
     assert op.settings.cpu_threads == 3
     (op,) = build(fake_kt.fused_loader(quantized()), layers=(1,), cpu_threads=2)
     assert op.settings.cpu_threads == 2
@@ -287,10 +285,8 @@ def test_load_errors(kt: dict) -> None:
     (op,) = build(fake_kt.fused_loader(quantized(layers=(1,))), layers=(2,))
     with pytest.raises(ValueError, match="no routed experts for decoder layer 2"):
         op.load()
-    loader = fake_kt.fused_loader(quantized(layers=(1,)))
-    ops = build(loader, layers=(1,))
     with pytest.raises(ValueError, match="passing weights"):
-        ops[0].load(w={"gate": None})
+        build(fake_kt.fused_loader(quantized(layers=(1,))), layers=(1,))[0].load(w={"gate": None})
 
 
 def test_layers_of_one_model_must_agree(kt: dict) -> None:
