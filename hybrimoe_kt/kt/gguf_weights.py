@@ -66,7 +66,7 @@ def _rebuild_rotary(model: torch.nn.Module) -> None:
             setattr(parent, name.rsplit(".", 1)[-1], fresh)
 
 
-def _read(reader: Any, by_name: dict[str, Any], gname: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _read(by_name: dict[str, Any], gname: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     from gguf import quants
 
     t = by_name.get(gname)
@@ -107,7 +107,7 @@ def model_from_gguf(model_dir: str | Path, gguf_path: str | Path, dtype: torch.d
         if name in experts or (tied and name == "lm_head.weight"):
             continue
         gname = gguf_tensor_name(name)
-        data = _read(reader, by_name, gname, tuple(param.shape), f"GGUF {path.name}")
+        data = _read(by_name, gname, tuple(param.shape), f"GGUF {path.name}")
         if spec.gguf_arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
             data = permute_rope_rows(data, heads if gname.endswith("attn_q.weight") else kv_heads, inverse=True)
         module_name, _, attr = name.rpartition(".")
@@ -118,7 +118,7 @@ def model_from_gguf(model_dir: str | Path, gguf_path: str | Path, dtype: torch.d
         gname = gguf_tensor_name(name)
         if buf.is_meta and gname in by_name:
             module_name, _, attr = name.rpartition(".")
-            data = _read(reader, by_name, gname, tuple(buf.shape), f"GGUF {path.name}")
+            data = _read(by_name, gname, tuple(buf.shape), f"GGUF {path.name}")
             model.get_submodule(module_name)._buffers[attr] = torch.from_numpy(data).to(buf.dtype)
     if tied:
         model.tie_weights()
