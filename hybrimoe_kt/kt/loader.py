@@ -105,7 +105,7 @@ def load_hybrid(model_dir: str | Path, rules_path: str | Path, dtype: Optional[t
             model, tokenizer = load_model(model_dir, dtype=dtype)
         if bar is not None:
             bar.update(1)
-        report = apply_rules(model, rules, config=model.config)
+        report = apply_rules(model, rules, config=model.config, strict=False)  # unmatched: a warning, as in kT
     if bar is not None:
         bar.update(1)
     left = experts_on_meta(model) if from_gguf else []

@@ -67,13 +67,33 @@ def test_bad_rule_file(mixtral_dir: Path, tmp_path: Path, capsys: pytest.Capture
     assert_one_line_error(rc, err, str(f), "rule 1 ({match: {name: mlp}", "no module named 'nosuch_pkg'")
 
 
-def test_rule_matching_nothing(mixtral_dir: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_rule_matching_nothing_warns(mixtral_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     caplog: pytest.LogCaptureFixture) -> None:
     f = tmp_path / "unmatched.yaml"
     f.write_text("- match: {name: 'experts$'}\n- match: {name: '^model\\.shared_experts$'}\n")
     rc, out, err = check(f, mixtral_dir, capsys)
+    assert rc == 0, err
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]  # stderr outside pytest
+    assert len(warned) == 1 and "1 rule(s) matched no module" in warned[0].message
+    assert "rule 1 (" in warned[0].message
+    assert "rule 1: 0 module(s)" in out and "<- matched nothing" in out
+    assert "1 matched nothing (an error with --strict)" in out
+
+
+def test_rule_matching_nothing_is_an_error_with_strict(mixtral_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "unmatched.yaml"
+    f.write_text("- match: {name: 'experts$'}\n- match: {name: '^model\\.shared_experts$'}\n")
+    rc = main(["rules", "check", str(f), "--model-path", str(mixtral_dir), "--strict"])
+    out, err = capsys.readouterr()
     assert_one_line_error(rc, err, "1 rule(s) matched no module", "rule 1 (")
     assert out == ""
+
+
+def test_model_path_needed_for_a_plain_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["rules", "check", str(write_mixtral_rules(tmp_path))])
+    _, err = capsys.readouterr()
+    assert_one_line_error(rc, err, "--model-path is required")
 
 
 def test_missing_rules_file(mixtral_dir: Path, tmp_path: Path,
