@@ -26,8 +26,10 @@ setup(
     extras_require={
         # torch is a range that the CPU build 2.13.0 satisfies: install torch==2.13.0 first on CPU machines.
         "torch": ["torch>=2.4,<2.15", "transformers>=4.48", "safetensors>=0.4", "gguf>=0.10"],
+        # the OpenAI-compatible server (hybrimoe-kt serve)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.5", "prometheus-client>=0.19"],
         # triton runs the GPU expert kernels on CPU tensors in interpreter mode (TRITON_INTERPRET=1)
-        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2; platform_system == 'Linux'"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "openai>=1.30", "triton>=3.2; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["hybrimoe-kt=hybrimoe_kt.cli:main"]},
 )

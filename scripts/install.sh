@@ -11,5 +11,5 @@ fi
 if ! "$PY" -c "import kt_kernel" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet --no-deps "kt-kernel==0.7.2" || echo "kt-kernel not installed: the torch CPU backend will be used" >&2
 fi
-"$PY" -m pip install --quiet -e ".[torch,test]"
+"$PY" -m pip install --quiet -e ".[torch,serve,test]"
 "$PY" -c "import hybrimoe_kt, torch; print('hybrimoe-kt', hybrimoe_kt.__version__, 'with torch', torch.__version__)"

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from hybrimoe_kt.kt.generation import cache_argument
+from hybrimoe_kt.decoding.batch import cache_argument
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,17 @@ bytes copied to the GPU tier) are read before and after, so the result holds thi
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+
+from hybrimoe_kt.decoding.batch import cache_argument
+from hybrimoe_kt.decoding.detokenizer import Detokenizer
+from hybrimoe_kt.decoding.sampler import Sampler
+from hybrimoe_kt.decoding.stopping import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -103,40 +107,6 @@ class GenerationResult:
                 "stopped_on_eos": self.stopped_on_eos, "cuda_graph": self.cuda_graph, **self.counters.summary()}
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float,
-               generator: Optional[torch.Generator]) -> int:
-    """The next token from ``logits [V]``: argmax at temperature 0, else a nucleus sample."""
-    if temperature <= 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p  # always keeps the most likely one
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class TextStream:
-    """Turns a growing token list into text pieces; holds back an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer: Any, callback: Optional[TokenCallback]) -> None:
-        self.tokenizer, self.callback = tokenizer, callback
-        self.emitted = 0
-        self.text = ""
-
-    def update(self, tokens: list[int], final: bool = False) -> None:
-        self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if self.callback is None:
-            return
-        end = len(self.text)
-        if not final and self.text.endswith("\ufffd"):
-            end = len(self.text.rstrip("\ufffd"))
-        if end > self.emitted:
-            self.callback(self.text[self.emitted:end])
-            self.emitted = end
-
-
 def encode_prompt(tokenizer: Any, history: list[dict[str, str]], text: str, use_template: bool) -> list[int]:
     """Prompt token ids: the conversation so far plus ``text`` through the chat template, or raw text."""
     if use_template and getattr(tokenizer, "chat_template", None):
@@ -146,22 +116,6 @@ def encode_prompt(tokenizer: Any, history: list[dict[str, str]], text: str, use_
             ids = ids["input_ids"]
         return [int(i) for i in ids]
     return list(tokenizer(text).input_ids)
-
-
-def eos_ids(hm: Any) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(hm.model, "generation_config", None), hm.tokenizer):
-        v = getattr(src, "eos_token_id", None) if src is not None else None
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
-    return ids
-
-
-def cache_argument(model: Any) -> str:
-    """The forward keyword for the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _graph_mode(graphed: Any) -> str:
@@ -204,19 +158,15 @@ def generate(hm: Any, input_ids: torch.Tensor | list[int], max_new_tokens: int, 
     graphed path without capture (the CPU stand-in's test of it)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0.0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    sampler = Sampler(temperature, top_p, seed)  # ValueError on a bad temperature, top_p or seed
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)  # [1, T]
     if ids.shape[1] == 0:
         raise ValueError("the prompt encodes to no tokens")
     model = hm.model
     device = next(model.parameters()).device
     ids = ids.to(device)
-    gen = None
-    if temperature > 0.0:
-        gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
-    stops = eos_ids(hm) if stop_on_eos else set()
-    stream = TextStream(hm.tokenizer, on_text)
+    stops = eos_ids(model, hm.tokenizer) if stop_on_eos else frozenset()
+    detok = Detokenizer(hm.tokenizer)
     before = RuntimeCounters.read(hm.runtime)
     tokens: list[int] = []
     eos = False
@@ -230,14 +180,16 @@ def generate(hm: Any, input_ids: torch.Tensor | list[int], max_new_tokens: int, 
         last = out.logits[0, -1]
         cache_kw = cache_argument(model)
         past = getattr(out, cache_kw)
-    tok = next_token(last, temperature, top_p, gen)
+    tok = sampler(last)
     t1 = time.perf_counter()
     while True:
         if tok in stops:
             eos = True
             break
         tokens.append(tok)
-        stream.update(tokens)
+        piece, _ = detok.add(tok)
+        if piece and on_text is not None:
+            on_text(piece)
         if len(tokens) >= max_new_tokens:
             break
         if graphed is not None:
@@ -247,12 +199,14 @@ def generate(hm: Any, input_ids: torch.Tensor | list[int], max_new_tokens: int, 
             past = getattr(out, cache_kw)
             last = out.logits[0, -1]
         n_decode += 1
-        tok = next_token(last, temperature, top_p, gen)
+        tok = sampler(last)
     if graphed is not None:
         graphed.close()
     t2 = time.perf_counter()
-    stream.update(tokens, final=True)
+    rest = detok.flush()
+    if rest and on_text is not None:
+        on_text(rest)
     counters = RuntimeCounters.read(hm.runtime) - before
     log.debug("generated %d tokens after %d prompt tokens", len(tokens), ids.shape[1])
-    return GenerationResult(tokens, stream.text, int(ids.shape[1]), t1 - t0, t2 - t1, n_decode, counters, eos,
+    return GenerationResult(tokens, detok.text, int(ids.shape[1]), t1 - t0, t2 - t1, n_decode, counters, eos,
                             _graph_mode(graphed))

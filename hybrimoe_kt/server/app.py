@@ -1,236 +1,223 @@
-"""The HTTP side of the OpenAI-compatible server (standard library ``ThreadingHTTPServer``).
+"""The HTTP side of the OpenAI-compatible server: a FastAPI app over the engine.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON or, with ``stream: true``, Server-Sent
-Events ending in ``data: [DONE]``), GET /v1/models, GET /health, GET /metrics. Errors are JSON
-``{"error": {...}}``: 400 bad request, 404 unknown path, 405 wrong method, 413 body too large, 429 queue
-full, 500 generation failure. Each connection thread only parses, queues and relays; the engine's
-single worker runs the model. A streaming client that goes away cancels its generation.
+Endpoints: POST /v1/chat/completions and /v1/completions (JSON, or Server-Sent Events ending in
+``data: [DONE]`` with ``stream: true``), GET /v1/models, GET /health (the engine's real state: 503 when
+the worker is dead or the server is draining), GET /metrics (Prometheus text), GET /metrics.json.
+Every error is JSON ``{"error": {"message", "type", "param", "code"}}``: 400 bad request (including a
+prompt longer than the context, found before the worker sees it), 401 bad API key, 404, 405, 413 body
+too large, 415 not a JSON body, 429 queue full (with ``Retry-After``), 500 generation failure, 503
+shutting down or too many requests in flight.
+
+The prompt is tokenized here, on the framework's thread pool, never on the engine's worker. A client
+that goes away cancels its generation, streaming or not.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+import secrets
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybrimoe_kt.server.engine import Engine, Job
-from hybrimoe_kt.server.protocol import (RequestError, decode_body, error_body, full_response, new_id, now,
-                                         parse_request, stream_chunk, usage_chunk)
+from hybrimoe_kt.server.metrics import CONTENT_TYPE
+from hybrimoe_kt.server.protocol import GenRequest, RequestError, decode_body, error_body, parse_request
+from hybrimoe_kt.server.responses import (ModelCard, ModelList, dump_nested, full_response, new_id, now,
+                                          stream_chunk, usage_chunk)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4 << 20
-GET_PATHS = ("/health", "/v1/models", "/metrics")
-POST_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+DISCONNECT_POLL_S = 0.2
+RETRY_AFTER_S = 1
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # listen backlog: bursts of clients connect before threads accept them
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for (its vocabulary's longest entry): a text of C
+    characters has at least C / this many tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max(8, max((len(t) for t in vocab), default=8))
+    except Exception:  # a tokenizer without a vocabulary listing: no early bound
+        return 1 << 30
 
 
-class Server:
-    """An engine behind an HTTP listener. ``port=0`` picks a free port (see ``.port``)."""
+def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 512, api_key: Optional[str] = None,
+               max_body: int = MAX_BODY) -> FastAPI:
+    if max_tokens_limit < 1:
+        raise ValueError(f"max tokens limit must be >= 1, got {max_tokens_limit}")
+    app = FastAPI(title="hybrimoe-kt", docs_url=None, redoc_url=None, openapi_url=None)
+    created = now()
+    chars_per_token = max_token_chars(engine.tokenizer)
 
-    def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 10002,
-                 max_tokens_limit: int = 512) -> None:
-        if max_tokens_limit < 1:
-            raise ValueError(f"max tokens limit must be >= 1, got {max_tokens_limit}")
-        self.engine = engine
-        self.model_name = model_name
-        self.max_tokens_limit = max_tokens_limit
-        self.started = time.time()
-        self.httpd = _HTTPServer((host, port), _Handler)
-        self.httpd.app = self  # type: ignore[attr-defined]
-        self._thread: Optional[threading.Thread] = None
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    @property
-    def host(self) -> str:
-        return str(self.httpd.server_address[0])
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        msg = (f"unknown path {request.url.path!r}" if e.status_code == 404 else
+               f"method {request.method} is not allowed on {request.url.path}" if e.status_code == 405 else
+               str(e.detail))
+        return JSONResponse(error_body(msg, "invalid_request_error", None, codes.get(e.status_code)),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
 
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_address[1])
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
-    def serve_forever(self) -> None:
-        self.engine.start()
-        log.info("serving %s on http://%s:%d", self.model_name, self.host, self.port)
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].strip(), api_key)):
+            raise RequestError("invalid or missing API key (Authorization: Bearer KEY)", status=401,
+                               code="invalid_api_key", type_="authentication_error")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        h = engine.health()
+        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_key(request)
+        return dump_nested(ModelList(data=[ModelCard(id=model_name, created=created)]))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.prometheus(), media_type=CONTENT_TYPE)
+
+    @app.get("/metrics.json")
+    async def metrics_json() -> dict[str, Any]:
+        return {"model": model_name, "max_tokens_limit": max_tokens_limit, **engine.metrics.snapshot()}
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise RequestError(f"request body must be JSON (Content-Type: application/json), got "
+                               f"{ctype or 'no Content-Type'!r}", status=415, code="unsupported_media_type")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            raise RequestError(f"request body of {length} bytes is over the {max_body} byte limit", status=413,
+                               code="body_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():  # chunked bodies too
+            raw += chunk
+            if len(raw) > max_body:
+                raise RequestError(f"request body is over the {max_body} byte limit", status=413,
+                                   code="body_too_large")
+        return decode_body(bytes(raw))
+
+    async def prepare(request: Request, kind: str) -> tuple[GenRequest, list[int], int]:
+        check_key(request)
         try:
-            self.httpd.serve_forever(poll_interval=0.2)
-        finally:
-            self.engine.stop()
-            self.httpd.server_close()
-
-    def start_background(self) -> threading.Thread:
-        self._thread = threading.Thread(target=self.serve_forever, name="hybrimoe-http", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def shutdown(self) -> None:
-        self.httpd.shutdown()
-        if self._thread is not None:
-            self._thread.join(15)
-
-    def metrics(self) -> dict[str, Any]:
-        out = {"model": self.model_name, "uptime_s": round(time.time() - self.started, 3),
-               "max_tokens_limit": self.max_tokens_limit}
-        out.update(self.engine.snapshot())
-        return out
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "hybrimoe-kt"
-    error_content_type = "application/json"
-
-    @property
-    def app(self) -> Server:
-        return self.server.app  # type: ignore[attr-defined]
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    # plumbing --------------------------------------------------------------------------------------
-    def _send_json(self, status: int, obj: Any, headers: Optional[dict[str, str]] = None) -> None:
-        data = json.dumps(obj).encode("utf-8")
+            req = parse_request(await read_json(request), kind, model_name, max_tokens_limit)  # type: ignore[arg-type]
+        except RequestError:
+            engine.metrics.outcome("invalid")
+            raise
+        param = "messages" if kind == "chat" else "prompt"
+        context = engine.max_positions
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-        except DISCONNECTS:
-            log.info("client %s went away before its response", self.address_string())
+            if context and req.text_length() > context * chars_per_token:  # too long for sure: no tokenizing
+                raise RequestError(f"this model's maximum context length is {context} tokens; the {param} has "
+                                   f"{req.text_length()} characters, more than {context} tokens",
+                                   param=param, code="context_length_exceeded")
+            try:
+                prompt = await run_in_threadpool(engine.encode, req)
+            except Exception as e:  # a template or tokenizer error is the request's content
+                raise RequestError(f"cannot tokenize the request: {e}"[:300], param=param) from None
+            if not prompt:
+                raise RequestError(f"the {param} encodes to no tokens", param=param)
+            left = context - len(prompt) if context else max_tokens_limit
+            if left < 1 or (req.max_tokens is not None and req.max_tokens > left):
+                asked = f" and max_tokens is {req.max_tokens}" if req.max_tokens is not None else ""
+                raise RequestError(f"this model's maximum context length is {context} tokens; the {param} has "
+                                   f"{len(prompt)} tokens{asked}", param=param, code="context_length_exceeded")
+        except RequestError:
+            engine.metrics.outcome("invalid")
+            raise
+        return req, prompt, req.max_tokens if req.max_tokens is not None else min(max_tokens_limit, left)
 
-    def _error(self, err: RequestError) -> None:
-        self._send_json(err.status, err.body())
-
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0]
-
-    def _wrong_method(self, allowed: str) -> None:
-        self._send_json(405, error_body(f"method {self.command} is not allowed on {self._path()}; use {allowed}",
-                                        "invalid_request_error", None, "method_not_allowed"), {"Allow": allowed})
-
-    def _not_found(self) -> None:
-        self._send_json(404, error_body(f"unknown path {self._path()!r}", "invalid_request_error", None,
-                                        "not_found"))
-
-    def _route_other(self) -> None:
-        path = self._path()
-        if path in GET_PATHS:
-            self._wrong_method("GET")
-        elif path in POST_PATHS:
-            self._wrong_method("POST")
-        else:
-            self._not_found()
-
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _route_other
-
-    # GET -------------------------------------------------------------------------------------------
-    def do_GET(self) -> None:
-        path = self._path()
-        if path == "/health":
-            self._send_json(200, {"status": "ok"})
-        elif path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [
-                {"id": self.app.model_name, "object": "model", "created": int(self.app.started),
-                 "owned_by": "hybrimoe-kt"}]})
-        elif path == "/metrics":
-            self._send_json(200, self.app.metrics())
-        else:
-            self._route_other()
-
-    # POST ------------------------------------------------------------------------------------------
-    def do_POST(self) -> None:
-        kind = POST_PATHS.get(self._path())
-        if kind is None:
-            self._route_other()
-            return
-        app = self.app
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                raise RequestError(f"request body of {length} bytes is over the {MAX_BODY} byte limit",
-                                   status=413, code="body_too_large")
-            body = decode_body(self.rfile.read(length) if length > 0 else b"")
-            req = parse_request(body, kind, app.model_name, app.max_tokens_limit)  # type: ignore[arg-type]
-        except RequestError as e:
-            app.engine.metrics.add("invalid")
-            self._error(e)
-            return
-        except ValueError:
-            app.engine.metrics.add("invalid")
-            self._error(RequestError(f"bad Content-Length header {self.headers.get('Content-Length')!r}"))
-            return
-        try:
-            job = app.engine.submit(req)
-        except RequestError as e:
-            log.warning("rejected a request: queue full (%d)", app.engine.queue_size)
-            self._error(e)
-            return
-        first = job.events.get()
-        if first[0] == "reject":
-            self._error(first[1])
-            return
-        if first[0] == "error":
-            self._send_json(500, error_body(first[1], "server_error"))
-            return
+    async def generate(request: Request, kind: str) -> Response:
+        req, prompt, max_tokens = await prepare(request, kind)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple] = asyncio.Queue()
+        job = Job(req, prompt, max_tokens, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        engine.submit(job)
         if req.stream:
-            self._stream(job)
-        else:
-            self._collect(job)
+            return StreamingResponse(_stream(job, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await _collect(request, job, events)
 
-    def _collect(self, job: Job) -> None:
-        parts: list[str] = []
-        while True:
-            ev = job.events.get()
-            if ev[0] == "delta":
-                parts.append(ev[1])
-            elif ev[0] == "done":
-                _, finish, prompt_ids, token_ids = ev
-                self._send_json(200, full_response(job.req, new_id(job.req.kind), now(), "".join(parts), finish,
-                                                   prompt_ids, token_ids))
-                return
-            else:
-                self._send_json(500, error_body(ev[1], "server_error"))
-                return
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await generate(request, "chat")
 
-    def _stream(self, job: Job) -> None:
-        req, rid, created = job.req, new_id(job.req.kind), now()
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    return app
+
+
+async def _collect(request: Request, job: Job, events: "asyncio.Queue[tuple]") -> Response:
+    parts: list[str] = []
+    while True:
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if req.kind == "chat":
-                self._event(stream_chunk(req, rid, created, "", None, first=True))
-            while True:
-                ev = job.events.get()
-                if ev[0] == "delta":
-                    self._event(stream_chunk(req, rid, created, ev[1], None))
-                elif ev[0] == "done":
-                    self._event(stream_chunk(req, rid, created, None, ev[1]))
-                    if req.include_usage:
-                        self._event(usage_chunk(req, rid, created, len(ev[2]), len(ev[3])))
-                    break
-                else:
-                    self._event(error_body(ev[1], "server_error"))
-                    break
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except DISCONNECTS as e:
-            job.cancel.set()
-            log.info("client %s disconnected mid-stream (%s): cancelling its generation",
-                     self.address_string(), type(e).__name__)
-        self.close_connection = True
+            ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel.set()
+                log.info("client went away before its answer: cancelling its generation")
+                return Response(status_code=499)
+            continue
+        if ev[0] == "delta":
+            parts.append(ev[1])
+        elif ev[0] == "done":
+            _, finish, prompt_ids, token_ids = ev
+            return JSONResponse(full_response(job.req, new_id(job.req.kind), now(), "".join(parts), finish,
+                                              prompt_ids, token_ids))
+        else:
+            _, message, status = ev
+            return JSONResponse(error_body(message, "server_error"), status_code=status)
 
-    def _event(self, obj: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n")
-        self.wfile.flush()
+
+def _sse(obj: Any) -> bytes:
+    import json
+
+    return b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n"
+
+
+async def _stream(job: Job, events: "asyncio.Queue[tuple]") -> AsyncIterator[bytes]:
+    req, rid, created = job.req, new_id(job.req.kind), now()
+    ended = False
+    try:
+        if req.kind == "chat":
+            yield _sse(stream_chunk(req, rid, created, "", None, first=True))
+        while True:
+            ev = await events.get()
+            if ev[0] == "delta":
+                yield _sse(stream_chunk(req, rid, created, ev[1], None))
+            elif ev[0] == "done":
+                yield _sse(stream_chunk(req, rid, created, None, ev[1]))
+                if req.include_usage:
+                    yield _sse(usage_chunk(req, rid, created, len(ev[2]), len(ev[3])))
+                break
+            else:
+                yield _sse(error_body(ev[1], "server_error"))
+                break
+        ended = True
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not ended:  # the client went away (the framework cancelled this stream)
+            job.cancel.set()
+            log.info("client disconnected mid-stream: cancelling its generation")

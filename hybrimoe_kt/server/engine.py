@@ -1,58 +1,82 @@
-"""The engine: one worker thread owns the model (its hybrid runtime is not thread-safe) and runs
-requests one at a time from a bounded queue. Each request gets its own KV cache, so concurrent clients
-never share state. A request talks back through its ``Job.events`` queue:
+"""The engine: one worker thread owns the model (the hybrid runtime is not thread-safe) and runs
+requests with continuous batching.
 
-    ("start", prompt_tokens)              prompt accepted, generation begins
-    ("reject", RequestError)              prompt refused (too long for the model): HTTP 400
-    ("delta", text)                       new text
-    ("done", finish_reason, prompt_ids, token_ids)   token ids of the prompt and of the completion
-    ("error", message)                    the generation raised: HTTP 500
+Every step the worker admits waiting requests while the batch has room (``max_batch``): each is
+prefilled alone into its own KV cache and its first token sampled. Then one decode forward runs for
+every running request together (``decoding.batch.DecodeBatch``): the MoE layers get one row per request.
+A request that finishes (EOS, a stop string, ``max_tokens``) or is cancelled leaves the batch before the
+next step; requests that arrived meanwhile join it. Each request keeps its own sampler and detokenizer.
 
-The HTTP side sets ``Job.cancel`` when its client goes away; the worker checks it before every forward.
+A request talks back through its ``sink`` (called from the worker thread):
+
+    ("delta", text)                                  new text
+    ("done", finish_reason, prompt_ids, token_ids)    the end; finish_reason stop | length
+    ("error", message, status)                        this request failed (500) or was refused (503)
+
+The HTTP side sets ``Job.cancel`` when its client goes away; the worker drops the request before its
+next forward. A forward that raises fails the requests in it and no others; a fault in the worker's own
+code stops the worker, which ``health()`` then reports (``dead``).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from hybrimoe_kt.server.generate import Sampler, TextAssembler, token_loop
-from hybrimoe_kt.server.metrics import Metrics
+from hybrimoe_kt.decoding.batch import DecodeBatch, prefill
+from hybrimoe_kt.decoding.detokenizer import Detokenizer
+from hybrimoe_kt.decoding.sampler import Sampler
+from hybrimoe_kt.decoding.stopping import eos_ids
+from hybrimoe_kt.server.metrics import ServerMetrics
 from hybrimoe_kt.server.protocol import GenRequest, RequestError
 
 log = logging.getLogger(__name__)
 
+Sink = Callable[[tuple], None]
 
-@dataclass
+
+@dataclass(eq=False)
 class Job:
     req: GenRequest
+    prompt: list[int]
+    max_tokens: int
+    sink: Sink
     cancel: threading.Event = field(default_factory=threading.Event)
-    events: "queue.Queue[tuple[Any, ...]]" = field(default_factory=queue.Queue)
+    submitted: float = field(default_factory=time.perf_counter)
+    sampler: Optional[Sampler] = None
+    detok: Optional[Detokenizer] = None
+    tokens: list[int] = field(default_factory=list)
+    next_input: int = -1
+    first_token_at: float = 0.0
 
 
 class Engine:
-    def __init__(self, hybrid: Any, queue_size: int = 16) -> None:
-        if queue_size < 1:
-            raise ValueError(f"queue size must be >= 1, got {queue_size}")
+    def __init__(self, hybrid: Any, queue_size: int = 64, max_batch: int = 8) -> None:
+        if queue_size < 1 or max_batch < 1:
+            raise ValueError(f"queue size and max batch must be >= 1, got {queue_size} and {max_batch}")
         self.hybrid = hybrid
         self.model = hybrid.model
         self.tokenizer = hybrid.tokenizer
         self.queue_size = queue_size
-        self.metrics = Metrics()
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self._go = threading.Event()      # cleared by pause(): the worker takes no new job
+        self.max_batch = max_batch
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
+        self.metrics = ServerMetrics(self)
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._batch = DecodeBatch(self.model)
+        self._cv = threading.Condition()
+        self._go = threading.Event()          # cleared by pause(): the worker takes no new request
         self._go.set()
         self._stopping = threading.Event()
+        self._drain_deadline: Optional[float] = None
         self._thread: Optional[threading.Thread] = None
-        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.dead: Optional[str] = None       # why the worker stopped, when it did
+        self.last_step = time.monotonic()
 
     # lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -62,125 +86,214 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         self._go.set()
+        with self._cv:
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        while True:  # answer whatever is still queued
-            try:
-                self._queue.get_nowait().events.put(("error", "server is shutting down"))
-            except queue.Empty:
-                break
+        for job in self._take_all():
+            job.sink(("error", "server is shutting down", 503))
+
+    def drain(self, grace_s: float) -> None:
+        """Take no new request; finish the accepted ones within ``grace_s`` seconds, then end the rest
+        with finish_reason ``length`` (their streams get a final chunk)."""
+        with self._cv:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + max(0.0, grace_s)
+            self._cv.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._waiting and not self._running
 
     def pause(self) -> None:
-        """Finish the current request, then take no new one until ``resume`` (queued jobs wait)."""
+        """Finish the running step, then admit nothing and decode nothing until ``resume``."""
         self._go.clear()
 
     def resume(self) -> None:
         self._go.set()
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
     # requests --------------------------------------------------------------------------------------
-    def submit(self, req: GenRequest) -> Job:
-        """Queue a request; RequestError 429 when the queue is full."""
-        job = Job(req)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            self.metrics.add("rejected")
-            raise RequestError(f"server busy: the request queue is full ({self.queue_size} waiting); retry later",
-                               status=429, code="queue_full", type_="server_busy") from None
-        return job
+    def encode(self, req: GenRequest) -> list[int]:
+        """The prompt's token ids (run off the worker, on the HTTP side's thread pool)."""
+        if req.kind == "chat":
+            enc = self.tokenizer.apply_chat_template(list(req.messages or ()), add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)
+            return [int(i) for i in enc["input_ids"]]
+        return [int(i) for i in self.tokenizer(req.prompt).input_ids]
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; RequestError 429 when the queue is full, 503 when shutting down or dead."""
+        with self._cv:
+            if self.dead is not None or self.draining or self._stopping.is_set():
+                self.metrics.outcome("rejected")
+                raise RequestError("server is shutting down" if self.dead is None else
+                                   f"server engine stopped: {self.dead}", status=503, code="unavailable",
+                                   type_="server_error")
+            if len(self._waiting) >= self.queue_size:
+                self.metrics.outcome("rejected")
+                raise RequestError(f"server busy: the request queue is full ({self.queue_size} waiting); retry "
+                                   f"later", status=429, code="queue_full", type_="server_busy")
+            self._waiting.append(job)
+            self._cv.notify_all()
 
     def queue_length(self) -> int:
-        return self._queue.qsize()
+        with self._cv:
+            return len(self._waiting)
 
-    def snapshot(self) -> dict[str, Any]:
-        out = self.metrics.snapshot()
-        rt = self.hybrid.runtime
-        if rt is not None:
-            c = rt.cache.counters
-            out["cache"] = {"hit_rate": round(c.hit_rate, 4), "hits": c.hits, "late_hits": c.late_hits,
-                            "misses": c.misses}
-            out["transfers"] = {"copies": rt.pool.copies, "gb": round(rt.pool.bytes_copied / 1e9, 6)}
-        else:
-            out["cache"] = None
-            out["transfers"] = None
-        out["queue"] = {"length": self.queue_length(), "capacity": self.queue_size}
-        out["gpu_tier"] = self.hybrid.tier_label
+    def running(self) -> int:
+        with self._cv:
+            return len(self._running)
+
+    def health(self) -> dict[str, Any]:
+        alive = self.alive()
+        status = "ok" if alive and not self.draining else ("draining" if alive else "dead")
+        out: dict[str, Any] = {"status": status, "worker_alive": alive, "queue_depth": self.queue_length(),
+                               "running": self.running(), "max_batch": self.max_batch,
+                               "last_step_age_s": round(time.monotonic() - self.last_step, 3)}
+        if self.dead is not None:
+            out["error"] = self.dead
         return out
 
     # worker ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._go.wait()
-            if self._stopping.is_set():
-                break
-            try:
-                job = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self._run(job)
-
-    def _encode(self, req: GenRequest) -> list[int]:
-        if req.kind == "chat":
-            enc = self.tokenizer.apply_chat_template(list(req.messages or ()), add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)
-            return list(enc["input_ids"])
-        return list(self.tokenizer(req.prompt).input_ids)
-
-    def _run(self, job: Job) -> None:
-        req, put = job.req, job.events.put
-        if job.cancel.is_set():
-            self.metrics.finished("cancelled", 0, 0, 0.0)
-            return
         try:
-            prompt = self._encode(req)
-        except Exception as e:  # a template or tokenizer error is the request's content
-            put(("reject", RequestError(f"cannot tokenize the request: {e}")))
-            self.metrics.add("invalid")
+            while not self._stopping.is_set():
+                self._step()
+        except BaseException as e:  # a fault in the engine itself: stop, say why, answer everyone
+            log.exception("the engine worker stopped")
+            self.dead = f"{type(e).__name__}: {e}"
+            for job in self._take_all():
+                job.sink(("error", f"server engine stopped: {self.dead}", 500))
+
+    def _take_all(self) -> list[Job]:
+        with self._cv:
+            jobs = list(self._waiting) + self._running
+            self._waiting.clear()
+            self._running = []
+        self._batch = DecodeBatch(self.model)
+        return jobs
+
+    def _step(self) -> None:
+        self._go.wait()
+        with self._cv:
+            if not self._waiting and not self._running:
+                self._cv.wait(0.05)
+                self.last_step = time.monotonic()
+                return
+        if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+            self._end_all_for_shutdown()
             return
-        param = "messages" if req.kind == "chat" else "prompt"
-        if self.max_positions and len(prompt) + req.max_tokens > self.max_positions:
-            put(("reject", RequestError(
-                f"this model's maximum context length is {self.max_positions} tokens; the {param} has "
-                f"{len(prompt)} tokens and max_tokens is {req.max_tokens}", param=param,
-                code="context_length_exceeded")))
-            self.metrics.add("invalid")
+        self._admit()
+        self._decode()
+        self.last_step = time.monotonic()
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch and not self._stopping.is_set():
+            with self._cv:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            if job.cancel.is_set():
+                self._finish(job, "cancelled")
+                continue
+            try:  # a failure here fails this request alone
+                job.sampler = Sampler(job.req.temperature, job.req.top_p, job.req.seed)
+                job.detok = Detokenizer(self.tokenizer, job.req.stop)
+                logits, cache = prefill(self.model, job.prompt)
+                token = job.sampler(logits)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail([job], e)
+                continue
+            job.first_token_at = time.perf_counter()
+            self.metrics.first_token(job.first_token_at - job.submitted)
+            if self._take(job, token) is None:
+                self._batch.add(cache, len(job.prompt))
+                with self._cv:
+                    self._running.append(job)
+
+    def _decode(self) -> None:
+        if not self._running:
             return
-        put(("start", len(prompt)))
-        tokens: list[int] = []
-        finish, t_first, hit_stop = "length", 0.0, False
-        try:  # anything that fails here fails this request alone; the worker goes on
-            sampler = Sampler(req.temperature, req.top_p, req.seed)
-            text = TextAssembler(self.tokenizer, req.stop)
-            for token in token_loop(self.model, prompt, sampler, req.max_tokens):
-                tokens.append(token)
-                if len(tokens) == 1:
-                    t_first = time.perf_counter()
-                if token in self.eos_ids and not req.ignore_eos:
-                    finish = "stop"
-                    break
-                delta, stopped = text.add(token)
-                if delta:
-                    put(("delta", delta))
-                if stopped:
-                    finish, hit_stop = "stop", True
-                    break
-                if job.cancel.is_set():
-                    finish = "cancelled"
-                    break
+        t0 = time.perf_counter()
+        try:
+            logits = self._batch.step([job.next_input for job in self._running])
+            tokens = [job.sampler(logits[i]) for i, job in enumerate(self._running)]  # type: ignore[misc]
         except Exception as e:
-            log.exception("generation failed")
-            self.metrics.finished("failed", len(prompt), len(tokens), 0.0)
-            put(("error", f"generation failed: {type(e).__name__}: {e}"))
+            log.exception("decode step failed")
+            with self._cv:
+                failed, self._running = self._running, []
+            self._batch = DecodeBatch(self.model)
+            self._fail(failed, e)
             return
-        if finish != "cancelled" and not hit_stop:
-            rest = text.flush()
-            if rest:
-                put(("delta", rest))
-        n = len(tokens)
-        decode_s = time.perf_counter() - t_first if n > 1 else 0.0
+        self.metrics.decode_step(len(tokens), time.perf_counter() - t0)
+        done = [i for i, (job, tok) in enumerate(zip(self._running, tokens)) if self._take(job, tok) is not None]
+        if done:
+            self._batch.remove(done)
+            with self._cv:
+                self._running = [j for i, j in enumerate(self._running) if i not in set(done)]
+
+    def _take(self, job: Job, token: int) -> Optional[str]:
+        """Account one sampled token; the finish reason when the request ends with it, else None."""
+        job.tokens.append(token)
+        finish: Optional[str] = None
+        if token in self.eos_ids and not job.req.ignore_eos:
+            finish = "stop"
+        else:
+            assert job.detok is not None
+            delta, stopped = job.detok.add(token)
+            if delta:
+                job.sink(("delta", delta))
+            if stopped:
+                finish = "stop"
+            elif len(job.tokens) >= job.max_tokens:
+                finish = "length"
+        if finish is None and job.cancel.is_set():
+            finish = "cancelled"
+        if finish is not None:
+            self._finish(job, finish)
+        else:
+            job.next_input = token
+        return finish
+
+    def _finish(self, job: Job, finish: str) -> None:
+        n = len(job.tokens)
+        decode_s = time.perf_counter() - job.first_token_at if n > 1 else 0.0
         if finish == "cancelled":
             log.info("client went away: generation cancelled after %d tokens", n)
-            self.metrics.finished("cancelled", len(prompt), n, decode_s)
+            self.metrics.finished("cancelled", len(job.prompt), n, decode_s, time.perf_counter() - job.submitted)
             return
-        self.metrics.finished("served", len(prompt), n, decode_s)
-        put(("done", finish, tuple(prompt), tuple(tokens)))
+        if job.detok is not None and not job.detok.stopped:
+            rest = job.detok.flush()
+            if rest:
+                job.sink(("delta", rest))
+        self.metrics.finished("served", len(job.prompt), n, decode_s, time.perf_counter() - job.submitted)
+        job.sink(("done", finish, tuple(job.prompt), tuple(job.tokens)))
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        for job in jobs:
+            self.metrics.finished("failed", len(job.prompt), len(job.tokens), 0.0,
+                                  time.perf_counter() - job.submitted)
+            job.sink(("error", f"generation failed: {type(e).__name__}: {e}", 500))
+
+    def _end_all_for_shutdown(self) -> None:
+        """The drain's grace period is over: running requests end now (finish_reason ``length``),
+        waiting ones are refused."""
+        with self._cv:
+            running, self._running = self._running, []
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        self._batch = DecodeBatch(self.model)
+        for job in running:
+            log.info("shutdown: ending a generation after %d tokens", len(job.tokens))
+            self._finish(job, "length")
+        for job in waiting:
+            self.metrics.outcome("rejected")
+            job.sink(("error", "server is shutting down", 503))
