@@ -187,7 +187,7 @@ def parse_request(body: dict[str, Any], kind: Kind, model_name: str, max_tokens_
         raise _validation_error(e) from None
     if r.model is not None and r.model != model_name:
         raise RequestError(f"model {r.model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+                           param="model", status=404, code="model_not_found")
     key, max_tokens = "max_tokens", r.max_tokens
     if isinstance(r, ChatRequest) and r.max_completion_tokens is not None:
         key, max_tokens = "max_completion_tokens", r.max_completion_tokens

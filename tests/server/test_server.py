@@ -103,7 +103,6 @@ def test_stop_string(server: Server) -> None:
 BAD = [
     (CHAT, b"{not json", None),
     (CHAT, b"[1, 2]", None),
-    (CHAT, {"model": "gpt-4", "messages": USER}, "model"),
     (CHAT, {}, "messages"),
     (CHAT, {"messages": []}, "messages"),
     (CHAT, {"messages": "hi"}, "messages"),
@@ -146,6 +145,11 @@ def test_bad_requests(server: Server, path: str, body: Any, param: Optional[str]
     err = r["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and err["message"]
+
+
+def test_unknown_model_is_404(server: Server) -> None:
+    status, r = call(server, "POST", CHAT, {"model": "gpt-4", "messages": USER})
+    assert status == 404 and r["error"]["code"] == "model_not_found" and r["error"]["param"] == "model"
 
 
 def test_unknown_path_and_method(server: Server) -> None:
