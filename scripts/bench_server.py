@@ -7,9 +7,12 @@ path and the CPU kernels here, not a GPU's speed). Per concurrency level, every 
 requests back to back (``--requests`` in all per level, ``--max-tokens`` greedy tokens each, EOS
 ignored). ``--max-batch 1`` is the one-at-a-time schedule (what the server did before continuous
 batching); ``--max-batch 32`` lets every client of the largest level share a forward. Levels run in
-alternating order of the two servers, ``--rounds`` times; medians are reported.
+alternating order of the servers, ``--rounds`` times; medians are reported. ``--baseline-src DIR`` adds
+the server of another checkout (e.g. ``git worktree add /tmp/old 63173aa``, the last commit before
+continuous batching) run under the same load, with that checkout's commit recorded.
 
-    python scripts/bench_server.py [--quick] [--families mixtral,deepseek-v2] [--out results/bench_server.json]
+    python scripts/bench_server.py [--quick] [--families mixtral,deepseek-v2] [--baseline-src DIR]
+                                   [--out results/bench_server.json]
 """
 
 from __future__ import annotations
@@ -37,11 +40,17 @@ LEVELS = (1, 8, 32)
 BATCHES = (1, 32)
 
 
-def start_server(model_dir: Path, rules: Path, max_batch: int) -> tuple[subprocess.Popen, int]:
+def start_server(model_dir: Path, rules: Path, max_batch: int | None,
+                 src: str | None = None) -> tuple[subprocess.Popen, int]:
+    """A serve process; ``max_batch`` None for a baseline checkout ``src`` (its own flags and defaults)."""
     cmd = [sys.executable, "-m", "hybrimoe_kt.cli", "serve", "--model-path", str(model_dir), "--optimize-config-path",
-           str(rules), "--port", "0", "--max-batch", str(max_batch), "--queue-size", "256", "--model-name", "bench"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+           str(rules), "--port", "0", "--queue-size", "256", "--model-name", "bench"]
+    if max_batch is not None:
+        cmd += ["--max-batch", str(max_batch)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if src is not None:
+        env["PYTHONPATH"] = src
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None
     for line in proc.stdout:
         m = re.search(r"on http://[\d.]+:(\d+)/v1", line)
@@ -90,6 +99,11 @@ def level(port: int, clients: int, requests: int, max_tokens: int) -> dict[str, 
             "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4)}
 
 
+def src_commit(src: str) -> str:
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default="mixtral,deepseek-v2")
@@ -98,6 +112,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1, help="tiny model weights")
     ap.add_argument("--quick", action="store_true", help="1 family, 32 requests, 1 round")
+    ap.add_argument("--baseline-src", default=None, help="another checkout whose server runs under the same load")
     ap.add_argument("--out", default=str(REPO / "results" / "bench_server.json"))
     args = ap.parse_args()
     families = args.families.split(",")[:1] if args.quick else args.families.split(",")
@@ -108,12 +123,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for fam in families:
             model_dir = Path(make_tiny_model(fam, Path(tmp) / fam, seed=args.seed)["dir"])
-            servers = {b: start_server(model_dir, REPO / "optimize_rules" / RULES[fam], b) for b in BATCHES}
+            rules = REPO / "optimize_rules" / RULES[fam]
+            servers: dict[Any, tuple[subprocess.Popen, int]] = {b: start_server(model_dir, rules, b) for b in BATCHES}
+            if args.baseline_src:
+                servers["baseline"] = start_server(model_dir, rules, None, args.baseline_src)
+            names = list(servers)
             runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
             try:
                 for _ in range(rounds):
                     for clients in LEVELS:
-                        order = BATCHES if _ % 2 == 0 else tuple(reversed(BATCHES))
+                        order = names if _ % 2 == 0 else list(reversed(names))
                         for b in order:
                             post(servers[b][1], {"prompt": "warm up", "max_tokens": 2})
                             runs.setdefault((b, clients), []).append(level(servers[b][1], clients, requests,
@@ -124,18 +143,26 @@ def main() -> None:
                     proc.wait(60)
             for clients in LEVELS:
                 row: dict[str, Any] = {"family": fam, "clients": clients}
-                for b in BATCHES:
+                for b in names:
                     rs = runs[(b, clients)]
-                    row[f"max_batch_{b}"] = {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "p50_s", "p99_s")}
+                    key = f"max_batch_{b}" if b != "baseline" else "baseline"
+                    row[key] = {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "p50_s", "p99_s")}
                 row["tok_s_ratio"] = round(row[f"max_batch_{BATCHES[-1]}"]["tok_s"] / row["max_batch_1"]["tok_s"], 3)
+                if "baseline" in row:
+                    row["tok_s_ratio_vs_baseline"] = round(row[f"max_batch_{BATCHES[-1]}"]["tok_s"] /
+                                                           row["baseline"]["tok_s"], 3)
                 results.append(row)
                 print(f"{fam:12s} {clients:3d} clients  one-at-a-time {row['max_batch_1']['tok_s']:8.1f} tok/s "
                       f"p50 {row['max_batch_1']['p50_s']:.3f}s p99 {row['max_batch_1']['p99_s']:.3f}s | batched "
                       f"{row['max_batch_32']['tok_s']:8.1f} tok/s p50 {row['max_batch_32']['p50_s']:.3f}s "
-                      f"p99 {row['max_batch_32']['p99_s']:.3f}s | x{row['tok_s_ratio']}", flush=True)
+                      f"p99 {row['max_batch_32']['p99_s']:.3f}s | x{row['tok_s_ratio']}"
+                      + (f" | baseline {row['baseline']['tok_s']:8.1f} tok/s p50 {row['baseline']['p50_s']:.3f}s "
+                         f"p99 {row['baseline']['p99_s']:.3f}s" if "baseline" in row else ""), flush=True)
     out = provenance(benchmark="bench_server", gpu_tier="CPU stand-in (device cpu): not GPU figures",
                      profile="tiny random-weight models, hybrimoe rules", seed=args.seed, requests_per_level=requests,
-                     max_tokens=args.max_tokens, rounds=rounds, batches=list(BATCHES), results=results)
+                     max_tokens=args.max_tokens, rounds=rounds, batches=list(BATCHES), results=results,
+                     baseline=None if not args.baseline_src else {"src": args.baseline_src,
+                                                                   "commit": src_commit(args.baseline_src)})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

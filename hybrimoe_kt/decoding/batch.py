@@ -128,10 +128,12 @@ class DecodeBatch:
         if len(tokens) != len(self.lengths) or not self.lengths:
             raise ValueError(f"{len(tokens)} tokens for a batch of {len(self.lengths)} rows")
         b = len(self.lengths)
+        padded = min(self.lengths) < self.width
         self.mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(b, 1)
         pos = torch.tensor(self.lengths, dtype=torch.long, device=self.device).view(b, 1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1, **{self.key: self.cache})
+        # rows of one length need no mask (the model's causal default: the same numbers, less work)
+        out = self.model(input_ids=ids, attention_mask=self.mask if padded else None, position_ids=pos,
+                         use_cache=True, logits_to_keep=1, **{self.key: self.cache})
         self.lengths = [n + 1 for n in self.lengths]
         return out.logits[:, -1]

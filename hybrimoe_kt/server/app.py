@@ -151,7 +151,15 @@ def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 512, api
         req, prompt, max_tokens = await prepare(request, kind)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple] = asyncio.Queue()
-        job = Job(req, prompt, max_tokens, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job = Job(req, prompt, max_tokens, sink=lambda ev: None)
+
+        def sink(ev: tuple) -> None:  # called on the engine's worker thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (shutting down): nobody is listening any more
+                job.cancel.set()
+
+        job.sink = sink
         engine.submit(job)
         if req.stream:
             return StreamingResponse(_stream(job, events), media_type="text/event-stream",
