@@ -50,7 +50,9 @@ def start_server(model_dir: Path, rules: Path, max_batch: int | None,
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if src is not None:
         env["PYTHONPATH"] = src
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    # run from the checkout being measured: ``python -m`` puts the working directory first on sys.path
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            cwd=src if src is not None else REPO)
     assert proc.stdout is not None
     for line in proc.stdout:
         m = re.search(r"on http://[\d.]+:(\d+)/v1", line)

@@ -37,7 +37,7 @@ def new_cache(model: Any) -> Any:
     return DynamicCache(config=model.config)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def prefill(model: Any, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
     """Run the prompt through ``model`` into a new cache: (the last position's logits [V], the cache)."""
     cache = new_cache(model)
@@ -114,7 +114,8 @@ class DecodeBatch:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = self.mask.index_select(0, index)
-        start = int(torch.nonzero(mask.sum(0))[0])  # columns before this one are padding in every row left
+        # rows are right-aligned: the columns before the longest kept row's keys are padding in every row
+        start = self.width - max(self.lengths[r] for r in keep)
         trimmed = new_cache(self.model)
         for i, layer in enumerate(_layers(self.cache)):
             trimmed.update(layer.keys.index_select(0, index)[:, :, start:],
@@ -122,7 +123,7 @@ class DecodeBatch:
         self.cache, self.mask = trimmed, mask[:, start:]
         self.lengths = [self.lengths[r] for r in keep]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         """One forward: ``tokens[i]`` is row i's next input. Returns the logits [B, V]."""
         if len(tokens) != len(self.lengths) or not self.lengths:

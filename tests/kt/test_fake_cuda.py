@@ -256,3 +256,25 @@ def test_prefill_device_differing_from_generate_device_is_refused(model_dirs: di
     d = _model_dir("mixtral", model_dirs, tmp_path_factory)
     with pytest.raises(RuleError, match="one device for prefill and generate is supported for now"):
         load_hybrid(d, _cuda_rules("mixtral", "hybrimoe", tmp_path, prefill="cpu"), progress=False)
+
+
+def test_fake_cuda_batched_decode(model_dirs: dict[str, Path], tmp_path: Path,
+                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The server's batched decode (requests of different lengths joining and leaving) keeps every
+    tensor on the model's device."""
+    from hybrimoe_kt.decoding.batch import DecodeBatch, prefill
+
+    d = _model_dir("deepseek-v2", model_dirs, tmp_path_factory)
+    with fake_cuda():
+        hm = load_hybrid(d, _cuda_rules("deepseek-v2", "hybrimoe", tmp_path), progress=False,
+                         overrides={"cpu_threads": 1})
+        batch = DecodeBatch(hm.model)
+        for n in (5, 2, 7):
+            logits, cache = prefill(hm.model, [0] * n)
+            assert isinstance(logits, FakeTensor) and logits.device == DEV
+            batch.add(cache, n)
+        out = batch.step([1, 2, 3])
+        batch.remove([2])
+        out2 = batch.step([1, 2])
+    assert isinstance(out, FakeTensor) and out.device == DEV and out.shape[0] == 3
+    assert out2.shape[0] == 2 and batch.lengths == [7, 4] and batch.width == 7
