@@ -159,7 +159,8 @@ class Controller:
         self._last_prefill[routing.layer] = routing
         resident = cache.resident(nxt)
         proxy = proxy_routing(routing, self._last_prefill.get(nxt))
-        scores = getattr(self.policies.eviction, "scores", None)
+        score_array = getattr(self.policies.eviction, "score_array", None)  # [L, E], higher = keep
+        scores = score_array() if score_array is not None else None
         prior = scores[nxt] if scores is not None and getattr(scores, "ndim", 0) == 2 else None
         order = stream_order(cache.n_experts, resident, self.spec.stream_buffer or cache.n_experts, proxy, prior)
         if not order:

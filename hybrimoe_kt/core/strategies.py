@@ -23,6 +23,8 @@ from hybrimoe_kt.core.schedulers import SchedulerName, make_scheduler
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 from hybrimoe_kt.core.upkeep import StepRebalance
 
+RATE_POLICIES = ("reuse", "nextuse")  # eviction policies whose score is an activation rate (value per token)
+
 StrategyName = Literal["stock", "static-frequency", "kt-frequency", "kt-dynamic-update", "lru-offload",
                        "hybrimoe-paper", "hybrimoe-layer", "hybrimoe", "oracle", "roofline"]
 
@@ -79,12 +81,12 @@ class StrategySpec:
             raise ValueError(f"strategy {self.name}: copy_horizon_layers must be >= 0")
         if self.cadence not in ("layer", "step"):
             raise ValueError(f"strategy {self.name}: cadence must be 'layer' or 'step', got {self.cadence!r}")
-        if self.cadence == "step" and self.eviction not in ("mrs", "reuse"):
+        if self.cadence == "step" and self.eviction not in ("mrs", "reuse", "nextuse"):
             raise ValueError(f"strategy {self.name}: the step cadence needs an eviction policy scored over "
-                             f"[layers, experts] arrays (mrs or reuse), got {self.eviction}")
-        if self.cadence == "step" and self.eviction != "reuse" and self.admission != "expected-reuse":
+                             f"[layers, experts] arrays (mrs, reuse or nextuse), got {self.eviction}")
+        if self.cadence == "step" and self.eviction not in RATE_POLICIES and self.admission != "expected-reuse":
             raise ValueError(f"strategy {self.name}: the step cadence prices swaps with a reuse rate: use "
-                             f"eviction 'reuse' or admission 'expected-reuse'")
+                             f"eviction 'reuse' or 'nextuse', or admission 'expected-reuse'")
         if self.stream_buffer < 0:
             raise ValueError(f"strategy {self.name}: stream_buffer must be >= 0 (0 = a whole layer)")
         if self.step_copy_budget < 0 or self.swap_depth < 1:
@@ -130,14 +132,15 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  admission_margin=1.0, copy_horizon_layers=4.0, background_in_prefill=False),
     StrategySpec("hybrimoe", "the project's strategy, its cache upkeep off the decode critical path: "
                  "decode layers run resident experts on the GPU and the rest on the CPU; once per decode "
-                 "step the cache swaps in the experts whose expected extra hits (over 32 tokens) exceed 4 "
-                 "copies' worth of host-memory reads (MRS ranks the residents, a reuse rate prices the "
-                 "swap), copies booked for about one step; the scores learn from decode steps only (a "
+                 "step the cache swaps in the experts whose expected extra hits (over 32 tokens) exceed the "
+                 "copy's host-memory read (break-even: 1 hit), ranking every expert by its predicted time "
+                 "to next use from its reuse distance and staleness (nextuse; a newcomer predicted later "
+                 "than its victim is refused), copies booked for about one step; it learns from decode steps only (a "
                  "prompt's routing is another distribution); prefill: balanced split with demand loads, or none "
                  "when the copies' pull on host memory would slow the CPU tier more than they save; long prefills "
                  "stream: up to 64 of the next layer's non-residents are staged while a layer runs when the "
                  "cost model says it pays",
-                 "balanced", "mrs", admit_misses=True, admission="expected-reuse", admission_margin=4.0,
+                 "balanced", "nextuse", admit_misses=True, admission="expected-reuse", admission_margin=1.0,
                  copy_horizon_layers=4.0, background_in_prefill=False, cadence="step",
                  learn_from_prefill=False, prefill_contention=True, prefill_stream=True, stream_buffer=64),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
@@ -220,6 +223,8 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
                                alpha=spec.mrs_alpha)
     elif ev == "reuse":
         eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, half_life=spec.reuse_half_life)
+    elif ev == "nextuse":
+        eviction = make_policy(ev, n_layers=n_layers, n_experts=n_experts, top_k=top_k)
     elif ev == "static":
         eviction = make_policy(ev, placement=placement, counts=counts)
     else:
@@ -238,13 +243,13 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
         assert future is not None
         prefetcher = OraclePrefetch(future, clock, depth=spec.prefetch_depth)
     estimator = None
-    if spec.admission == "expected-reuse" and ev not in ("reuse", "belady"):
+    if spec.admission == "expected-reuse" and ev not in (*RATE_POLICIES, "belady"):
         estimator = ReuseRate(n_layers, n_experts, half_life=spec.reuse_half_life)
     admission = make_admission(spec.admission, margin=spec.admission_margin,
                                horizon=spec.reuse_half_life, estimator=estimator)
     upkeep = None
     if spec.cadence == "step" and slots > 0:
-        rate = eviction if ev == "reuse" else estimator  # fed per layer in prefill, per step in decode
+        rate = eviction if ev in RATE_POLICIES else estimator  # fed per layer in prefill, per step in decode
         upkeep = StepRebalance(eviction, rate, horizon=spec.reuse_half_life, threshold=spec.admission_margin,
                                budget_steps=spec.step_copy_budget, depth=spec.swap_depth)
     layerwise = (LayerwisePrefill(spec.layerwise_threshold, spec.layerwise_reload_residents,

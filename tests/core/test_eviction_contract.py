@@ -24,6 +24,7 @@ from hybrimoe_kt.core.eviction import (
     LRU,
     MRS,
     Belady,
+    NextUse,
     ReuseRate,
     StaticPlacement,
     belady_uses_from_routings,
@@ -110,6 +111,8 @@ FACTORIES: dict[str, Callable[[Setup], tuple[object, list[ExpertId]]]] = {
     "belady": make_belady,
     "reuse": lambda s: (ReuseRate(s.n_layers, s.n_experts), []),
     "reuse-hl2": lambda s: (ReuseRate(s.n_layers, s.n_experts, half_life=2.0), []),
+    "nextuse": lambda s: (NextUse(s.n_layers, s.n_experts, s.top_k), []),
+    "nextuse-b1": lambda s: (NextUse(s.n_layers, s.n_experts, s.top_k, beta=1.0), []),
 }
 
 

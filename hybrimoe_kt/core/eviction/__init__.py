@@ -10,6 +10,7 @@ accepted. Constructors:
 - ``static``: ``StaticPlacement(placement, counts, n_layers=None, n_experts=None)``
 - ``belady``: ``Belady(uses, clock, n_layers=None, n_experts=None, rate_horizon=None)``
 - ``reuse``: ``ReuseRate(n_layers, n_experts, half_life=32.0)``
+- ``nextuse``: ``NextUse(n_layers, n_experts, top_k=1, beta=0.3)``
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hybrimoe_kt.core.eviction.belady import Belady, belady_uses_from_routings
 from hybrimoe_kt.core.eviction.lfu import LFU
 from hybrimoe_kt.core.eviction.lru import LRU
 from hybrimoe_kt.core.eviction.mrs import MRS
+from hybrimoe_kt.core.eviction.nextuse import NextUse
 from hybrimoe_kt.core.eviction.placement import (
     place_front_loading,
     place_frequency,
@@ -31,7 +33,7 @@ from hybrimoe_kt.core.eviction.reuse import ReuseRate
 from hybrimoe_kt.core.eviction.static import StaticPlacement
 from hybrimoe_kt.core.protocols import EvictionPolicy
 
-EvictionName = Literal["lru", "lfu", "mrs", "static", "belady", "reuse"]
+EvictionName = Literal["lru", "lfu", "mrs", "static", "belady", "reuse", "nextuse"]
 
 EVICTION_POLICIES: dict[str, type] = {
     "lru": LRU,
@@ -40,6 +42,7 @@ EVICTION_POLICIES: dict[str, type] = {
     "static": StaticPlacement,
     "belady": Belady,
     "reuse": ReuseRate,
+    "nextuse": NextUse,
 }
 assert set(EVICTION_POLICIES) == set(get_args(EvictionName))
 assert all(cls.name == key for key, cls in EVICTION_POLICIES.items())
@@ -72,7 +75,7 @@ def _lookup(name: str) -> type:
 
 
 __all__ = [
-    "EVICTION_POLICIES", "Belady", "EvictionName", "LFU", "LRU", "MRS", "ReuseRate", "StaticPlacement",
+    "EVICTION_POLICIES", "Belady", "EvictionName", "LFU", "LRU", "MRS", "NextUse", "ReuseRate", "StaticPlacement",
     "belady_uses_from_routings", "make_policy", "place_front_loading", "place_frequency",
     "place_per_layer_quota", "place_uniform", "policy_kwargs",
 ]
