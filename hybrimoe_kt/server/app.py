@@ -15,6 +15,7 @@ that goes away cancels its generation, streaming or not.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from typing import Any, AsyncIterator, Optional
@@ -178,7 +179,6 @@ def create_app(engine: Engine, model_name: str, max_tokens_limit: int = 512, api
 
 
 async def _collect(request: Request, job: Job, events: "asyncio.Queue[tuple]") -> Response:
-    parts: list[str] = []
     while True:
         try:
             ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
@@ -188,20 +188,16 @@ async def _collect(request: Request, job: Job, events: "asyncio.Queue[tuple]") -
                 log.info("client went away before its answer: cancelling its generation")
                 return Response(status_code=499)
             continue
-        if ev[0] == "delta":
-            parts.append(ev[1])
-        elif ev[0] == "done":
-            _, finish, prompt_ids, token_ids = ev
-            return JSONResponse(full_response(job.req, new_id(job.req.kind), now(), "".join(parts), finish,
-                                              prompt_ids, token_ids))
-        else:
+        if ev[0] == "done":
+            _, finish, prompt_ids, token_ids, text = ev
+            return JSONResponse(full_response(job.req, new_id(job.req.kind), now(), text, finish, prompt_ids,
+                                              token_ids))
+        if ev[0] == "error":
             _, message, status = ev
             return JSONResponse(error_body(message, "server_error"), status_code=status)
 
 
 def _sse(obj: Any) -> bytes:
-    import json
-
     return b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n"
 
 

@@ -9,8 +9,9 @@ next step; requests that arrived meanwhile join it. Each request keeps its own s
 
 A request talks back through its ``sink`` (called from the worker thread):
 
-    ("delta", text)                                  new text
-    ("done", finish_reason, prompt_ids, token_ids)    the end; finish_reason stop | length
+    ("delta", text)                                  new text (streaming requests only)
+    ("done", finish_reason, prompt_ids, token_ids, text)   the end (finish_reason stop | length); the whole
+                                                     text for a request that does not stream, else ""
     ("error", message, status)                        this request failed (500) or was refused (503)
 
 The HTTP side sets ``Job.cancel`` when its client goes away; the worker drops the request before its
@@ -20,6 +21,7 @@ code stops the worker, which ``health()`` then reports (``dead``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -50,6 +52,7 @@ class Job:
     sampler: Optional[Sampler] = None
     detok: Optional[Detokenizer] = None
     tokens: list[int] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)   # the answer's text, when it does not stream
     next_input: int = -1
     first_token_at: float = 0.0
 
@@ -61,6 +64,10 @@ class Engine:
         self.hybrid = hybrid
         self.model = hybrid.model
         self.tokenizer = hybrid.tokenizer
+        # a fast tokenizer is not safe to use from several threads at once ("Already borrowed"): the
+        # HTTP side encodes one prompt at a time under a lock, the worker decodes with its own copy
+        self._encode_lock = threading.Lock()
+        self._worker_tokenizer = copy.deepcopy(hybrid.tokenizer)
         self.queue_size = queue_size
         self.max_batch = max_batch
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
@@ -122,6 +129,10 @@ class Engine:
     # requests --------------------------------------------------------------------------------------
     def encode(self, req: GenRequest) -> list[int]:
         """The prompt's token ids (run off the worker, on the HTTP side's thread pool)."""
+        with self._encode_lock:
+            return self._encode(req)
+
+    def _encode(self, req: GenRequest) -> list[int]:
         if req.kind == "chat":
             enc = self.tokenizer.apply_chat_template(list(req.messages or ()), add_generation_prompt=True,
                                                      tokenize=True, return_dict=True)
@@ -205,7 +216,7 @@ class Engine:
                 continue
             try:  # a failure here fails this request alone
                 job.sampler = Sampler(job.req.temperature, job.req.top_p, job.req.seed)
-                job.detok = Detokenizer(self.tokenizer, job.req.stop)
+                job.detok = Detokenizer(self._worker_tokenizer, job.req.stop)
                 logits, cache = prefill(self.model, job.prompt)
                 token = job.sampler(logits)
             except Exception as e:
@@ -250,7 +261,7 @@ class Engine:
             assert job.detok is not None
             delta, stopped = job.detok.add(token)
             if delta:
-                job.sink(("delta", delta))
+                self._emit(job, delta)
             if stopped:
                 finish = "stop"
             elif len(job.tokens) >= job.max_tokens:
@@ -273,9 +284,17 @@ class Engine:
         if job.detok is not None and not job.detok.stopped:
             rest = job.detok.flush()
             if rest:
-                job.sink(("delta", rest))
+                self._emit(job, rest)
         self.metrics.finished("served", len(job.prompt), n, decode_s, time.perf_counter() - job.submitted)
-        job.sink(("done", finish, tuple(job.prompt), tuple(job.tokens)))
+        job.sink(("done", finish, tuple(job.prompt), tuple(job.tokens), "".join(job.parts)))
+
+    @staticmethod
+    def _emit(job: Job, text: str) -> None:
+        """Stream ``text`` now, or keep it for the answer (one event per request, not per token)."""
+        if job.req.stream:
+            job.sink(("delta", text))
+        else:
+            job.parts.append(text)
 
     def _fail(self, jobs: list[Job], e: Exception) -> None:
         for job in jobs:
