@@ -61,12 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="measurements; each figure is their median")
     ap.add_argument("--out", default=str(REPO / "results" / "host-this-machine.json"))
+    ap.add_argument("--strategies", default=None,
+                    help="comma-separated: measure only these and replace only their entries (in --out and "
+                         "in every preset); default: every deployable strategy, replacing the whole section")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    runs = [measure_host(seed=args.seed + i, progress=True) for i in range(args.repeats)]
+    only = args.strategies.split(",") if args.strategies else None
+    kw = {"strategies": only} if only else {}
+    runs = [measure_host(seed=args.seed + i, progress=True, **kw) for i in range(args.repeats)]
     host = median_host(runs)
     out = Path(args.out)
+    if only and out.is_file():  # keep the other strategies' measurement, name what was remeasured
+        prev = HostCosts.from_dict(json.loads(out.read_text())["host"])
+        host = HostCosts({**prev.strategies, **host.strategies}, 1.0,
+                         f"{prev.source}; {', '.join(only)} remeasured: {host.source}",
+                         {**prev.measured, "remeasured": {"strategies": only, "runs": host.measured["runs"]}})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**provenance(seed=args.seed), "label": "host time per MoE layer call, runtime "
                                "with no-op kernels, GPU tier = CPU stand-in (device cpu)",

@@ -132,15 +132,14 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  admission_margin=1.0, copy_horizon_layers=4.0, background_in_prefill=False),
     StrategySpec("hybrimoe", "the project's strategy, its cache upkeep off the decode critical path: "
                  "decode layers run resident experts on the GPU and the rest on the CPU; once per decode "
-                 "step the cache swaps in the experts whose expected extra hits (over 32 tokens) exceed the "
-                 "copy's host-memory read (break-even: 1 hit), ranking every expert by its predicted time "
-                 "to next use from its reuse distance and staleness (nextuse; a newcomer predicted later "
-                 "than its victim is refused), copies booked for about one step; it learns from decode steps only (a "
+                 "step the cache swaps in the experts whose expected extra hits (over 32 tokens) exceed 4 "
+                 "copies' worth of host-memory reads (MRS ranks the residents, a reuse rate prices the "
+                 "swap), copies booked for about one step; the scores learn from decode steps only (a "
                  "prompt's routing is another distribution); prefill: balanced split with demand loads, or none "
                  "when the copies' pull on host memory would slow the CPU tier more than they save; long prefills "
                  "stream: up to 64 of the next layer's non-residents are staged while a layer runs when the "
                  "cost model says it pays",
-                 "balanced", "nextuse", admit_misses=True, admission="expected-reuse", admission_margin=1.0,
+                 "balanced", "mrs", admit_misses=True, admission="expected-reuse", admission_margin=4.0,
                  copy_horizon_layers=4.0, background_in_prefill=False, cadence="step",
                  learn_from_prefill=False, prefill_contention=True, prefill_stream=True, stream_buffer=64),
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "

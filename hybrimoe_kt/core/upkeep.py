@@ -174,7 +174,9 @@ class StepRebalance:
 
     def swaps(self, resident: np.ndarray, evictable: np.ndarray, quotas: Sequence[int],
               capacity: Optional[int], max_copies: int) -> list[tuple[ExpertId, Optional[ExpertId]]]:
-        return plan_swaps(self.estimator.rate, self.eviction.score_array(), resident, evictable,
+        value = self.estimator.rate
+        rank = value if self.estimator is self.eviction else self.eviction.score_array()  # one read
+        return plan_swaps(value, rank, resident, evictable,
                           quotas=None if capacity is not None else quotas, capacity=capacity,
                           max_copies=max_copies, horizon=self.horizon, threshold=self.threshold,
                           depth=self.depth)

@@ -44,8 +44,9 @@ class NextUse:
         self.gap = np.full((self.n_layers, self.n_experts), self.prior)             # [L, E] tokens
 
     # --- learning ------------------------------------------------------------------------------
-    def _update(self, layers: np.ndarray, used: np.ndarray) -> None:
-        """``used`` [n, N, E] bool: rows (tokens, in order) that activated each expert of ``layers``."""
+    def _update(self, layers, used: np.ndarray) -> None:
+        """``used`` [n, N, E] bool: rows (tokens, in order) that activated each expert of ``layers``
+        (an index array or a slice)."""
         n_rows = used.shape[1]
         if n_rows == 0:
             return
@@ -54,7 +55,7 @@ class NextUse:
         first = np.argmax(used, axis=1)                            # [n, E] first row of use
         final = n_rows - 1 - np.argmax(used[:, ::-1], axis=1)      # [n, E] last row of use
         t0 = self.tok[layers][:, None]                             # [n, 1]
-        last, gap = self.last[layers], self.gap[layers]            # copies (fancy indexing)
+        last, gap = self.last[layers], self.gap[layers]            # read only: results are written back
         seen = hit & (last >= 0)
         b = self.beta
         gap = np.where(seen, (1 - b) * gap + b * (t0 + first - last), gap)
@@ -90,7 +91,7 @@ class NextUse:
         used = np.zeros((self.n_layers, ids.shape[1], self.n_experts), dtype=bool)
         rows = np.broadcast_to(np.arange(ids.shape[1])[None, :, None], ids.shape)
         used[layer[ok], rows[ok], ids[ok]] = True
-        self._update(np.arange(self.n_layers), used)
+        self._update(slice(None), used)
 
     # --- ranking -------------------------------------------------------------------------------
     @property
