@@ -50,7 +50,7 @@ def start_server(model_dir: Path, rules: Path, max_batch: int | None,
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if src is not None:
         env["PYTHONPATH"] = src
-    # run from the checkout being measured: ``python -m`` puts the working directory first on sys.path
+    # run from the checkout being measured: ``python -m`` imports from the working directory first
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             cwd=src if src is not None else REPO)
     assert proc.stdout is not None
