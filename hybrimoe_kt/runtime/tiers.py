@@ -26,7 +26,10 @@ class Tiers:
         kernels overwrite it; every reader is ordered after them on the same stream)."""
         buf = self._out_bufs.get(n)
         if buf is None:
-            buf = self._out_bufs[n] = torch.empty(n, self.hidden, dtype=torch.float32, device=self.tier.device)
+            # a normal tensor even when first asked for under inference mode, so that it can be written
+            # under either mode later (the server decodes in inference mode, chat under no_grad)
+            with torch.inference_mode(False):
+                buf = self._out_bufs[n] = torch.empty(n, self.hidden, dtype=torch.float32, device=self.tier.device)
         return buf
 
     def submit_cpu(self, layer: int, x: torch.Tensor, ids_cpu: torch.Tensor, w_cpu: torch.Tensor) -> torch.Tensor:
