@@ -31,7 +31,8 @@ from hybrimoe_kt.core.cache import CacheFull, ExpertCache
 from hybrimoe_kt.core.cost import CostModel
 from hybrimoe_kt.core.layerwise import Replacement, device_copy_s
 from hybrimoe_kt.core.protocols import Clock
-from hybrimoe_kt.core.schedulers.prefill_choice import choose_prefill
+from hybrimoe_kt.core.schedulers.makespan import canonical_queue, evaluated_split
+from hybrimoe_kt.core.schedulers.prefill_choice import choose_prefill, contended_makespan
 from hybrimoe_kt.core.stream import StreamPlan, choose_stream, proxy_routing, stream_order
 from hybrimoe_kt.core.strategies import Policies
 from hybrimoe_kt.core.types import EMPTY_BACKGROUND, BackgroundPlan, ExpertId, LayerRouting, Plan
@@ -96,7 +97,7 @@ class Controller:
                is_prefill: bool = False) -> Decision:
         """Plan one layer whose MoE part starts at ``now``; the GPU is busy for ``gpu_free`` first."""
         if self._step and not is_prefill:
-            return self._decide_visible(routing, now)
+            return self._decide_visible(routing, now, gpu_free)
         pol, cache, layer = self.policies, self.cache, routing.layer
         if pol.layerwise is not None and pol.layerwise.applies(routing.n_rows, is_prefill):
             return self._decide_layerwise(routing, now, gpu_free)
@@ -217,12 +218,75 @@ class Controller:
         return Decision(plan, h, lh, m, {}, ready, (), self.copy_free_at, layerwise=True, full_layer=copies,
                         replacement=replacement)
 
-    def _decide_visible(self, routing: LayerRouting, now: float) -> Decision:
-        """Step cadence, decode: visible residents on the GPU, the rest on the CPU; no policy work."""
+    def _decide_visible(self, routing: LayerRouting, now: float, gpu_free: float = 0.0) -> Decision:
+        """Step cadence, decode: visible residents on the GPU, the rest on the CPU; no policy work.
+        With ``decode_demand`` (a simulator-only ablation) misses may become demand loads instead."""
         self._pending = None
         gpu, cpu = self.cache.account_landed(routing.layer, routing.experts, self.visible_at, now)
+        if self.spec.decode_demand != "off" and cpu:
+            return self._decide_demand(routing, gpu, cpu, now, gpu_free)
         plan = Plan(routing.layer, gpu, cpu, (), (), 0.0)
         return Decision(plan, len(gpu), 0, len(cpu), {}, {}, (), self.copy_free_at)
+
+    def _decide_demand(self, routing: LayerRouting, gpu: tuple[int, ...], cpu: tuple[int, ...], now: float,
+                       gpu_free: float) -> Decision:
+        """``decode_demand`` ablation: the strategy's scheduler splits the layer over the visible
+        residents with the copy queue as booked (upkeep copies first), and each load it chooses - a miss
+        whose copy plus GPU compute ends before the CPU tier would - is admitted into a slot freed by the
+        eviction policy (never an expert this layer uses; an expert whose upkeep copy is still in flight
+        stays on the CPU). Hits and misses are counted as without it (a demand load is a miss).
+        ``decode_demand="contended"`` instead takes the number of loads (misses in copy order) whose
+        split is fastest with the CPU tier slowed by the copy queue's host-memory reads."""
+        cache, layer = self.cache, routing.layer
+        in_flight = set(cache.resident(layer)) - set(gpu)  # upkeep copies not landed yet: not loadable
+        copy_free = max(0.0, self.copy_free_at - now)
+        if self.spec.decode_demand in ("contended", "all"):
+            split = self._contended_demand(routing, gpu, in_flight, copy_free, gpu_free,
+                                           everything=self.spec.decode_demand == "all")
+        else:
+            split = self.policies.scheduler.plan(routing, set(gpu), self.cost, {}, copy_free, gpu_free)
+        in_use = {(layer, e) for e in routing.experts}
+        loads: list[int] = []
+        evictions: list[ExpertId] = []
+        landing: dict[int, float] = {}
+        streamed: list[int] = []
+        for e in split.loads:
+            if e in in_flight:
+                continue
+            t = max(self.copy_free_at, now) + self._xfer
+            self.copy_free_at = t
+            landing[e] = t
+            loads.append(e)
+            try:
+                victim = cache.admit((layer, e), t, in_use, now)
+            except CacheFull:  # every slot in use or in flight: a scratch buffer, not admitted
+                streamed.append(e)
+                continue
+            if victim is not None:
+                evictions.append(victim)
+        on_gpu = set(split.gpu) - in_flight
+        gpu_out = tuple(e for e in routing.experts if e in on_gpu)
+        cpu_out = tuple(e for e in routing.experts if e not in on_gpu)
+        plan = Plan(layer, gpu_out, cpu_out, tuple(loads), tuple(evictions), split.makespan_s)
+        return Decision(plan, len(gpu), 0, len(cpu), landing, {}, tuple(streamed), self.copy_free_at)
+
+    def _contended_demand(self, routing: LayerRouting, gpu: tuple[int, ...], in_flight: set[int],
+                          copy_free: float, gpu_free: float, everything: bool = False):
+        """The fastest of "visible residents on the GPU plus the first ``b`` loadable misses (copy
+        order: tokens desc), the rest on the CPU", priced with ``contended_makespan``; ties keep fewer
+        loads. ``everything``: ``b`` = every loadable miss."""
+        _, _, unc, _ = canonical_queue(routing, gpu)
+        loadable = [e for e in unc if e not in in_flight]
+        stay = tuple(e for e in unc if e in in_flight)
+        best, best_t = None, float("inf")
+        for b in range(len(loadable) if everything else 0, len(loadable) + 1):
+            sp = evaluated_split(gpu + tuple(loadable[:b]), tuple(loadable[b:]) + stay, tuple(loadable[:b]),
+                                 routing, self.cost, {}, copy_free, gpu_free)
+            t = contended_makespan(sp, routing, self.cost, {}, copy_free, gpu_free)
+            if t < best_t * (1.0 - 1e-9):
+                best, best_t = sp, t
+        assert best is not None
+        return best
 
     def visible(self):  # -> np.ndarray [L, E] bool
         """The experts a decode layer serves from their slot (a new array). Step cadence: those landed

@@ -52,6 +52,14 @@ class StrategySpec:
     step_copy_budget: float = 1.0       # step cadence: upkeep copies may book the queue this many steps
     swap_depth: int = 8                 # step cadence: swaps considered per pool and upkeep
     learn_from_prefill: bool = True     # step cadence: prefill routing updates the scores too
+    # step cadence, SIMULATOR-ONLY ABLATION (the runtime and the sglang coordinator refuse it; no
+    # registered strategy sets it): decode layers may copy misses to the GPU as demand loads into slots
+    # the eviction policy frees (the copy is also the admission, as lru-offload's). "scheduler": the loads
+    # the strategy's scheduler chooses (the copy and the GPU end before the CPU would; copies only delay
+    # the GPU); "contended": the number of loads (misses in copy order) whose split is fastest once the
+    # copies' pull on host memory slows the CPU tier (``contended_makespan``, the engine's rule); "all":
+    # every miss not in flight is loaded (lru-offload's rule over the visible residents)
+    decode_demand: Literal["off", "scheduler", "contended", "all"] = "off"
     prefill_contention: bool = False    # prefill: keep the split without copies when the copies' pull on
                                         # host memory would cost the CPU tier more (schedulers.prefill_choice)
     prefill_stream: bool = False        # prefill: stage the next layer's non-residents while a layer runs
@@ -87,6 +95,13 @@ class StrategySpec:
         if self.cadence == "step" and self.eviction not in RATE_POLICIES and self.admission != "expected-reuse":
             raise ValueError(f"strategy {self.name}: the step cadence prices swaps with a reuse rate: use "
                              f"eviction 'reuse' or 'nextuse', or admission 'expected-reuse'")
+        if self.decode_demand not in ("off", "scheduler", "contended", "all"):
+            raise ValueError(f"strategy {self.name}: decode_demand must be 'off', 'scheduler', 'contended' or "
+                             f"'all', "
+                             f"got {self.decode_demand!r}")
+        if self.decode_demand != "off" and (self.cadence != "step" or not self.uses_gpu_cache):
+            raise ValueError(f"strategy {self.name}: decode_demand is an ablation of the step cadence "
+                             f"(decode demand loads on top of the step upkeep): set cadence='step'")
         if self.stream_buffer < 0:
             raise ValueError(f"strategy {self.name}: stream_buffer must be >= 0 (0 = a whole layer)")
         if self.step_copy_budget < 0 or self.swap_depth < 1:
@@ -154,6 +169,7 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  admission="better-than-victim", free_transfers=True, pool="global", clairvoyant=True),
 )}
 assert set(STRATEGIES) == set(get_args(StrategyName))
+assert all(s.decode_demand == "off" for s in STRATEGIES.values()), "decode_demand is an ablation, never a preset"
 
 
 def get_strategy(name: str) -> StrategySpec:

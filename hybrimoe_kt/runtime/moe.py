@@ -77,6 +77,9 @@ class HybridMoE:
         spec = strategy if isinstance(strategy, StrategySpec) else get_strategy(strategy)
         if spec.clairvoyant:
             raise ValueError(f"strategy {spec.name} needs the future and exists only in the simulator")
+        if spec.decode_demand != "off":
+            raise ValueError(f"strategy {spec.name}: decode demand loads (decode_demand) are a simulator "
+                             f"ablation; the runtime does not implement them")
         if not 1 <= top_k <= store.n_experts:
             raise ValueError(f"top_k={top_k} must be in 1..{store.n_experts}")
         self.store, self.tier, self.spec, self.top_k = store, tier, spec, top_k

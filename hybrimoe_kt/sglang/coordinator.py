@@ -137,6 +137,9 @@ class ModelCoordinator:
                              st0.hidden, st0.intermediate, 0, 4 * st0.hidden * st0.hidden, 0)
         cost = RooflineCost.build(load_profile(self.settings.hardware), preset, self.settings.cpu_format, "bf16")
         self.clock = Clock()
+        if self.spec.decode_demand != "off":
+            raise ValueError(f"strategy {self.spec.name}: decode demand loads (decode_demand) are a simulator "
+                             f"ablation; the coordinator does not implement them")
         pol = build_policies(self.spec, self.n_layers, self.n_experts, self.top_k, max(self.quotas), self.clock)
         self.cache = ExpertCache(self.n_layers, self.n_experts, self.quotas, pol.eviction)
         self.cache.place([(int(i), int(e)) for i, e in zip(*np.nonzero(self.table >= 0))])
