@@ -89,9 +89,12 @@ class StrategySpec:
             raise ValueError(f"strategy {self.name}: copy_horizon_layers must be >= 0")
         if self.cadence not in ("layer", "step"):
             raise ValueError(f"strategy {self.name}: cadence must be 'layer' or 'step', got {self.cadence!r}")
-        if self.cadence == "step" and self.eviction not in ("mrs", "reuse", "nextuse"):
+        if self.cadence == "step" and self.eviction not in ("mrs", "reuse", "nextuse", "belady"):
             raise ValueError(f"strategy {self.name}: the step cadence needs an eviction policy scored over "
-                             f"[layers, experts] arrays (mrs, reuse or nextuse), got {self.eviction}")
+                             f"[layers, experts] arrays (mrs, reuse, nextuse, or belady for a bound), got "
+                             f"{self.eviction}")
+        if self.cadence == "step" and self.eviction == "belady" and not self.clairvoyant:
+            raise ValueError(f"strategy {self.name}: belady needs the future: set clairvoyant (a bound)")
         if self.cadence == "step" and self.eviction not in RATE_POLICIES and self.admission != "expected-reuse":
             raise ValueError(f"strategy {self.name}: the step cadence prices swaps with a reuse rate: use "
                              f"eviction 'reuse' or 'nextuse', or admission 'expected-reuse'")
@@ -264,7 +267,8 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
                                horizon=spec.reuse_half_life, estimator=estimator)
     upkeep = None
     if spec.cadence == "step" and slots > 0:
-        rate = eviction if ev in RATE_POLICIES else estimator  # fed per layer in prefill, per step in decode
+        # fed per layer in prefill, per step in decode; belady knows the exact future rate (a bound)
+        rate = eviction if ev in (*RATE_POLICIES, "belady") else estimator
         upkeep = StepRebalance(eviction, rate, horizon=spec.reuse_half_life, threshold=spec.admission_margin,
                                budget_steps=spec.step_copy_budget, depth=spec.swap_depth)
     layerwise = (LayerwisePrefill(spec.layerwise_threshold, spec.layerwise_reload_residents,

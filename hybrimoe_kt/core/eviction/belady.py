@@ -7,7 +7,9 @@ At a decision, the next use of a candidate is its first position strictly after 
 has next use = infinity. ``victim`` = furthest next use, ties by lowest ``(layer, expert)``;
 ``score(eid)`` = ``-(next use - now)`` (``-inf`` when never used again). With ``rate_horizon`` (forwards)
 the score is instead the exact activation rate over the next ``rate_horizon`` forwards, on the scale of
-the ``reuse`` policy, so that the ``expected-reuse`` admission rule can be given the true future. Belady is a bound for
+the ``reuse`` policy, so that the ``expected-reuse`` admission rule can be given the true future; ``rate``
+(and ``score_array``, ``on_step``) give the same over ``[L, E]`` arrays, so the step cadence's upkeep
+(``core.upkeep``) can run on the true future too: a bound for that design, not a policy. Belady is a bound for
 demand caching with unit-size items; it ignores transfer timing, so it is a reference, not a schedule.
 
 ``victim_masked`` (the cache's vectorised search) reads an ``[L, E]`` array of next uses that is
@@ -157,3 +159,25 @@ class Belady:
         assert self.n_layers is not None
         end = now + self.rate_horizon * self.n_layers
         return (bisect.bisect_right(ps, end) - bisect.bisect_right(ps, now)) / self.rate_horizon
+
+    def on_step(self, step: object) -> None:
+        """The future is known in advance; a decode step teaches nothing (the step cadence's hook)."""
+
+    @property
+    def rate(self) -> np.ndarray:
+        """``[L, E]``: each expert's exact activations per forward over the next ``rate_horizon`` forwards
+        after ``clock.now`` (``score`` for every expert at once; the step cadence's value and rank)."""
+        if self.rate_horizon is None or self.n_layers is None or self.n_experts is None:
+            raise ValueError("Belady.rate needs rate_horizon, n_layers and n_experts")
+        if self._next is None:
+            self._build_next()
+        now = self.clock.now
+        lo = int(np.searchsorted(self._ev_pos, now, side="right"))
+        hi = int(np.searchsorted(self._ev_pos, now + self.rate_horizon * self.n_layers, side="right"))
+        n = self.n_layers * self.n_experts
+        counts = np.bincount(self._ev_idx[lo:hi], minlength=n)[:n]
+        return (counts / self.rate_horizon).reshape(self.n_layers, self.n_experts)
+
+    def score_array(self) -> np.ndarray:
+        """``rate`` (fewest uses in the horizon ranks lowest: the step upkeep's victim order)."""
+        return self.rate
