@@ -92,13 +92,13 @@ def test_cost_table_matches_cost_model() -> None:
 # ---- registry -----------------------------------------------------------------------------------
 
 def test_registry_and_factory() -> None:
-    assert set(SCHEDULERS) == {"stock", "static", "offload", "hss", "balanced"}
+    assert set(SCHEDULERS) == {"stock", "static", "offload", "hss", "balanced", "greedy"}
     for name in SCHEDULERS:
         assert make_scheduler(name).name == name
     assert isinstance(make_scheduler("hybrimoe"), BalancedScheduler)
     assert isinstance(make_scheduler("hybrimoe-paper"), HssScheduler)
-    with pytest.raises(ValueError, match="known: stock, static, offload, hss, balanced"):
-        make_scheduler("greedy")
+    with pytest.raises(ValueError, match="known: stock, static, offload, hss, balanced, greedy"):
+        make_scheduler("fifo")
 
 
 def test_import_is_light() -> None:

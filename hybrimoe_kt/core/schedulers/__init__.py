@@ -8,6 +8,9 @@ shared rules of ``makespan.py`` (the same rules the simulator executes).
 - ``offload``: everything on the GPU, misses transferred.
 - ``hss``: the released HybriMoE greedy, token-aware.
 - ``balanced``: the project's scheduler (strategy ``hybrimoe``), never worse than the four above.
+- ``greedy``: a 0-1 assignment (list scheduling plus local moves and swaps) outside balanced's family,
+  returning the better of its split and balanced's: never worse than balanced. No strategy uses it
+  (an ablation: ``scripts/ablate_scheduler.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Literal, get_args
 from hybrimoe_kt.core.protocols import Scheduler
 from hybrimoe_kt.core.schedulers.balanced import BalancedScheduler
 from hybrimoe_kt.core.schedulers.fixed import OffloadScheduler, StaticScheduler, StockScheduler
+from hybrimoe_kt.core.schedulers.greedy import GreedyScheduler
 from hybrimoe_kt.core.schedulers.hss import HssScheduler
 
-SchedulerName = Literal["stock", "static", "offload", "hss", "balanced"]
+SchedulerName = Literal["stock", "static", "offload", "hss", "balanced", "greedy"]
 
 SCHEDULERS: dict[str, type] = {
     "stock": StockScheduler,
@@ -27,6 +31,7 @@ SCHEDULERS: dict[str, type] = {
     "offload": OffloadScheduler,
     "hss": HssScheduler,
     "balanced": BalancedScheduler,
+    "greedy": GreedyScheduler,
 }
 assert set(SCHEDULERS) == set(get_args(SchedulerName)), "SCHEDULERS out of sync with SchedulerName"
 
@@ -46,4 +51,4 @@ def make_scheduler(name: str) -> Scheduler:
 
 
 __all__ = ["SCHEDULERS", "STRATEGY_SCHEDULER", "SchedulerName", "make_scheduler", "BalancedScheduler",
-           "HssScheduler", "OffloadScheduler", "StaticScheduler", "StockScheduler"]
+           "GreedyScheduler", "HssScheduler", "OffloadScheduler", "StaticScheduler", "StockScheduler"]
