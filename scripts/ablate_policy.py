@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict] = {
     "halflife16": dict(reuse_half_life=16.0),
     "global": dict(pool="global"),
     "reuse": dict(eviction="reuse"),
+    "lru": dict(eviction="lru"),    # rank victims by staleness (least recently used)
+    "lfu": dict(eviction="lfu"),    # rank victims by token count
 }
 
 

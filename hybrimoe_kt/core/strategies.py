@@ -89,10 +89,10 @@ class StrategySpec:
             raise ValueError(f"strategy {self.name}: copy_horizon_layers must be >= 0")
         if self.cadence not in ("layer", "step"):
             raise ValueError(f"strategy {self.name}: cadence must be 'layer' or 'step', got {self.cadence!r}")
-        if self.cadence == "step" and self.eviction not in ("mrs", "reuse", "nextuse", "belady"):
+        if self.cadence == "step" and self.eviction not in ("mrs", "reuse", "nextuse", "lru", "lfu", "belady"):
             raise ValueError(f"strategy {self.name}: the step cadence needs an eviction policy scored over "
-                             f"[layers, experts] arrays (mrs, reuse, nextuse, or belady for a bound), got "
-                             f"{self.eviction}")
+                             f"[layers, experts] arrays (mrs, reuse, nextuse, lru, lfu, or belady for a "
+                             f"bound), got {self.eviction}")
         if self.cadence == "step" and self.eviction == "belady" and not self.clairvoyant:
             raise ValueError(f"strategy {self.name}: belady needs the future: set clairvoyant (a bound)")
         if self.cadence == "step" and self.eviction not in RATE_POLICIES and self.admission != "expected-reuse":

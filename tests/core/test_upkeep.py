@@ -10,6 +10,8 @@ import pytest
 from hybrimoe_kt.core.cache import ExpertCache
 from hybrimoe_kt.core.controller import Controller
 from hybrimoe_kt.core.cost import RooflineCost
+from hybrimoe_kt.core.eviction.lfu import LFU
+from hybrimoe_kt.core.eviction.lru import LRU
 from hybrimoe_kt.core.eviction.mrs import MRS
 from hybrimoe_kt.core.eviction.reuse import ReuseRate
 from hybrimoe_kt.core.hardware import load_profile
@@ -44,6 +46,29 @@ def test_on_step_equals_on_route_layer_by_layer(n: int, p: int) -> None:
                 a.on_route(r)
             b.on_step(StepRouting.from_layers(routings, L))
             np.testing.assert_allclose(a.score_array(), b.score_array(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_lru_and_lfu_step_forms_rank_as_their_per_layer_forms(n: int) -> None:
+    """LFU: the same counts; LRU: per layer the same order (a layer's experts of one step share a time
+    either way; only the clock's units differ)."""
+    rng = np.random.default_rng(n)
+    a_u, b_u, a_f, b_f = LRU(L, E), LRU(L, E), LFU(L, E), LFU(L, E)
+    for _ in range(6):
+        routings = random_step(rng, n)
+        for r in routings:
+            a_u.on_route(r)
+            a_f.on_route(r)
+        step = StepRouting.from_layers(routings, L)
+        b_u.on_step(step)
+        b_f.on_step(step)
+        np.testing.assert_array_equal(a_f.score_array(), b_f.score_array())
+        for layer in range(L):
+            np.testing.assert_array_equal(np.argsort(a_u.score_array()[layer], kind="stable"),
+                                          np.argsort(b_u.score_array()[layer], kind="stable"))
+    for spec in ("lru", "lfu"):  # usable as the step cadence's eviction rank
+        pol = build_policies(with_overrides(get_strategy("hybrimoe"), eviction=spec), L, E, K, 4, Clock())
+        assert pol.upkeep is not None and pol.upkeep.eviction.name == spec
 
 
 def brute_force(value, rank, resident, evictable, quotas, max_copies, horizon, threshold):

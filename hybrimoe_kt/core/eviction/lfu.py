@@ -5,7 +5,9 @@ Frequency is the number of rows (tokens) that selected the expert, summed over e
 and are never aged: they estimate how popular the expert is over the whole run, not while it was
 resident, so a popular expert evicted by a burst does not start again from zero. Admission does not
 count as a use for the frequency. Ties fall to the least recently used (same notion of time as LRU),
-then to the lowest ``(layer, expert)`` id.
+then to the lowest ``(layer, expert)`` id. ``on_step`` and ``score_array`` are the step cadence's form
+(``core.upkeep``): each row of a decode step adds one to the experts it ran, and the counts are the
+``[L, E]`` eviction rank.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import lowest, lowest_masked
+from hybrimoe_kt.core.eviction._common import lowest, lowest_masked, step_layers
 from hybrimoe_kt.core.eviction.lru import RecencyTracker
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
@@ -61,3 +63,15 @@ class LFU:
 
     def score(self, eid: ExpertId) -> float:
         return float(self.frequency(eid))
+
+    def on_step(self, step) -> None:
+        """A whole decode step at once (the step cadence): one count per row that ran an expert."""
+        ids = np.asarray(step.ran)
+        layer = step_layers(ids, self.n_layers, self.n_experts)
+        ok = ids >= 0
+        np.add.at(self.counts, (layer[ok], ids[ok]), 1)
+        self._rec.touch_step(step)
+
+    def score_array(self) -> np.ndarray:
+        """[L, E] token counts (a live view; lowest = evicted first)."""
+        return self.counts

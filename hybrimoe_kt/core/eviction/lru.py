@@ -5,7 +5,10 @@ or an admission (``on_admit``: a transfer or an initial placement). Time is logi
 an internal counter that ``on_route`` advances by one per call (so admissions made after a layer's
 ``on_route`` share that layer's time, and placements before any routing have time 0); with an
 injected ``Clock``, ``clock.now`` (``forward_index * n_layers + layer``). Ties, e.g. experts activated
-by the same layer, fall to the lowest ``(layer, expert)`` id.
+by the same layer, fall to the lowest ``(layer, expert)`` id. ``on_step`` and ``score_array`` are the
+step cadence's form (``core.upkeep``): a whole decode step's experts touched at once (at the step's
+time), the last-use times as the ``[L, E]`` eviction rank. Ranked by staleness, this is also the
+least-stale rule.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, check_eid, lowest, lowest_masked
+from hybrimoe_kt.core.eviction._common import check_dims, check_eid, lowest, lowest_masked, step_layers
 from hybrimoe_kt.core.protocols import Clock
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
 
@@ -53,6 +56,13 @@ class RecencyTracker:
     def last_use(self, eid: ExpertId) -> int:
         return int(self.last[eid[0], eid[1]])
 
+    def touch_step(self, step) -> None:
+        """Every expert that ran in a decode step (``core.upkeep.StepRouting``) used now."""
+        ids = np.asarray(step.ran)
+        layer = step_layers(ids, self.n_layers, self.n_experts)
+        ok = ids >= 0
+        self.last[layer[ok], ids[ok]] = self.advance()
+
 
 class LRU:
     """Least recently used. ``score(eid)`` is the last-use time (-1 if never used)."""
@@ -88,3 +98,11 @@ class LRU:
 
     def score(self, eid: ExpertId) -> float:
         return float(self._rec.last_use(eid))
+
+    def on_step(self, step) -> None:
+        """A whole decode step at once (the step cadence): its experts' last use is now."""
+        self._rec.touch_step(step)
+
+    def score_array(self) -> np.ndarray:
+        """[L, E] last-use times (a live view; lowest = stalest = evicted first)."""
+        return self._rec.last
