@@ -16,8 +16,8 @@ from hybrimoe_kt.core.admission import AdmissionName, AdmissionRule, make_admiss
 from hybrimoe_kt.core.eviction import (EvictionName, ReuseRate, make_policy, place_frequency,
                                        place_per_layer_quota)
 from hybrimoe_kt.core.layerwise import KT_PREFILL_THRESHOLD, LayerwisePrefill
-from hybrimoe_kt.core.prefetch import (ImpactPrefetch, NextScorePrefetch, NoPrefetch, OraclePrefetch,
-                                       PrefetcherName, RoutingPredictor)
+from hybrimoe_kt.core.prefetch import (HiddenPrefetch, ImpactPrefetch, NextScorePrefetch, NoPrefetch,
+                                       OraclePrefetch, PrefetcherName, RoutingPredictor)
 from hybrimoe_kt.core.protocols import Clock, EvictionPolicy, Prefetcher, Scheduler
 from hybrimoe_kt.core.schedulers import SchedulerName, make_scheduler
 from hybrimoe_kt.core.types import ExpertId, LayerRouting
@@ -71,6 +71,11 @@ class StrategySpec:
     layerwise_reload_residents: bool = True  # the full-layer copy includes the layer's GPU experts
     replace_from_batch: bool = False    # after a layer-wise call the layer's GPU experts become the batch's
                                         # top ones (sglang-kt's --kt-enable-dynamic-expert-update)
+    # prefetch "hidden" (per-layer cadence only): hints of layer l+1's experts given during layer l. The
+    # runtime's hook runs layer l+1's router on layer l's hidden state (None here); the simulator models a
+    # predictor of this accuracy in [0, 1] (sim.hidden), seeded with hidden_seed. Never in a preset.
+    hidden_accuracy: Optional[float] = None
+    hidden_seed: int = 0
     host_time_of: str = ""              # the strategy whose measured host time this one is charged ("" = its own)
     free_transfers: bool = False        # bound only: copies take no time and no queue
     uses_gpu_cache: bool = True
@@ -105,6 +110,13 @@ class StrategySpec:
         if self.decode_demand != "off" and (self.cadence != "step" or not self.uses_gpu_cache):
             raise ValueError(f"strategy {self.name}: decode_demand is an ablation of the step cadence "
                              f"(decode demand loads on top of the step upkeep): set cadence='step'")
+        if self.prefetch == "hidden" and (self.cadence != "layer" or not self.uses_gpu_cache):
+            raise ValueError(f"strategy {self.name}: hidden-state hints feed per-layer background copies; the "
+                             f"step cadence's decode layers make none: use cadence='layer' with a GPU cache")
+        if self.hidden_accuracy is not None and (self.prefetch != "hidden"
+                                                 or not 0.0 <= self.hidden_accuracy <= 1.0):
+            raise ValueError(f"strategy {self.name}: hidden_accuracy (in [0, 1]) models the hints of "
+                             f"prefetch='hidden', got {self.hidden_accuracy} with prefetch {self.prefetch!r}")
         if self.stream_buffer < 0:
             raise ValueError(f"strategy {self.name}: stream_buffer must be >= 0 (0 = a whole layer)")
         if self.step_copy_budget < 0 or self.swap_depth < 1:
@@ -173,6 +185,7 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
 )}
 assert set(STRATEGIES) == set(get_args(StrategyName))
 assert all(s.decode_demand == "off" for s in STRATEGIES.values()), "decode_demand is an ablation, never a preset"
+assert all(s.prefetch != "hidden" for s in STRATEGIES.values()), "hidden-state hints are an ablation, never a preset"
 
 
 def get_strategy(name: str) -> StrategySpec:
@@ -257,6 +270,8 @@ def build_policies(spec: StrategySpec, n_layers: int, n_experts: int, top_k: int
         prefetcher = NextScorePrefetch(size=top_k)
     elif spec.prefetch == "impact":
         prefetcher = ImpactPrefetch(RoutingPredictor(n_layers, n_experts, top_k), depth=spec.prefetch_depth)
+    elif spec.prefetch == "hidden":
+        prefetcher = HiddenPrefetch()  # hints come from the runtime's hook or the simulator's model
     else:
         assert future is not None
         prefetcher = OraclePrefetch(future, clock, depth=spec.prefetch_depth)

@@ -16,7 +16,9 @@ and builds it. Rule kwargs (see ``optimize_rules/*.yaml``):
   ``hybrimoe``); the stock and static operators below only change the default;
 - GPU expert budget, at most one of ``cache_ratio`` (fraction of routed experts), ``gpu_slots`` (slots
   in all) or ``gpu_gib`` (GiB of bf16 expert weights); default ``cache_ratio: 0.25``;
-- ``prefetch_depth`` (layers ahead), ``cpu_threads``, ``cpu_backend`` (auto / kt-kernel / torch),
+- ``prefetch_depth`` (layers ahead), ``prefetch`` (replaces the strategy's prefetcher; ``hidden``: the
+  next MoE block's router run on this layer's hidden state, per-layer strategies only, ``kt.hidden_hook``),
+  ``cpu_threads``, ``cpu_backend`` (auto / kt-kernel / torch),
   ``hardware_profile`` (preset name or calibrated JSON: the cost model the decisions use),
   ``placement_counts`` (a routing trace or a ``.npy`` [L, E] of activation counts for the initial and
   static placement; never the requests being served): required by ``static-frequency`` (the runtime
@@ -50,6 +52,7 @@ class RuntimeSettings:
     hardware_profile: str
     placement_counts: Optional[str]
     device: str
+    prefetch: Optional[str] = None  # overrides the strategy's prefetcher ('hidden': kt.hidden_hook)
 
 
 def runtime_settings(key: str, kwargs: Mapping[str, Any], default_strategy: str, device: str) -> RuntimeSettings:
@@ -70,12 +73,12 @@ def runtime_settings(key: str, kwargs: Mapping[str, Any], default_strategy: str,
         prefetch_depth=kwargs.get("prefetch_depth"), cpu_threads=kwargs.get("cpu_threads"),
         cpu_backend=str(kwargs.get("cpu_backend", "auto")),
         hardware_profile=str(kwargs.get("hardware_profile", "rtx4090-ddr5")),
-        placement_counts=kwargs.get("placement_counts"), device=device)
+        placement_counts=kwargs.get("placement_counts"), device=device, prefetch=kwargs.get("prefetch"))
 
 
 class HybriMoEExperts(torch.nn.Module):
     KWARGS = frozenset({"strategy", "cache_ratio", "gpu_slots", "gpu_gib", "prefetch_depth", "cpu_threads",
-                        "cpu_backend", "hardware_profile", "placement_counts"})
+                        "cpu_backend", "hardware_profile", "placement_counts", "prefetch"})
     DEFAULT_STRATEGY = "hybrimoe"
 
     def __init__(self, key: str, gguf_loader: Any, config: Any, orig_module: torch.nn.Module,

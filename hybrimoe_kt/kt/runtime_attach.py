@@ -157,6 +157,8 @@ def build_runtime(store: HostExpertStore | GgufExpertStore, s: RuntimeSettings, 
     spec = get_strategy(s.strategy)
     if s.prefetch_depth is not None:
         spec = with_overrides(spec, prefetch_depth=int(s.prefetch_depth))
+    if s.prefetch is not None:  # e.g. 'hidden': the next block's router predicts (kt.hidden_hook)
+        spec = with_overrides(spec, name=f"{spec.name}/{s.prefetch}", prefetch=str(s.prefetch))
     n_l, n_e = store.n_layers, store.n_experts
     if s.gpu_slots is not None:
         total = int(s.gpu_slots)
@@ -226,6 +228,10 @@ def attach_runtime(model: torch.nn.Module, top_k: Optional[int] = None,
     for i, op in enumerate(ops):
         op.runtime, op.moe_index = runtime, i
     _mark_forward_start(model, ops[0].key, runtime)
+    if spec.prefetch == "hidden":
+        from hybrimoe_kt.kt.hidden_hook import attach_next_routers
+
+        log.info("hidden-state predictors: %d next-layer routers", attach_next_routers(model, ops, runtime))
     log.info("HybriMoE runtime: %d MoE layers, %d experts, strategy %s, %d GPU slots, GPU tier: %s",
              n_l, n_e, spec.name, runtime.cache.capacity, runtime.label)
     return runtime

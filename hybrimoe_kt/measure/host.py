@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -30,16 +30,18 @@ log = logging.getLogger(__name__)
 DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer", "hybrimoe")
 
 
-def measure_host(strategies: Sequence[str] = DEPLOYABLE, *, layers: int = 26, hidden: int = 256,
+def measure_host(strategies: Sequence[Any] = DEPLOYABLE, *, layers: int = 26, hidden: int = 256,
                  inter: int = 128, decode_tokens: int = 64, prefill_chunk: int = 128,
                  cache_ratio: float = 0.25, profile: str = "rtx4090-ddr5", backend: str = "auto",
-                 seed: int = 0, progress: bool = False) -> HostCosts:
-    """Host time per layer call of each strategy, decode and prefill, measured on this machine."""
+                 seed: int = 0, progress: bool = False,
+                 prepare: Optional[Callable[[Any], None]] = None) -> HostCosts:
+    """Host time per layer call of each strategy (a name or a StrategySpec), decode and prefill, measured
+    on this machine. ``prepare(moe)`` runs on each runtime before its warm-up (e.g. to register hooks)."""
     import torch
 
     from hybrimoe_kt.core.cost import RooflineCost
     from hybrimoe_kt.core.hardware import load_profile
-    from hybrimoe_kt.core.strategies import get_strategy, slots_for
+    from hybrimoe_kt.core.strategies import StrategySpec, get_strategy, slots_for
     from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
     from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
     from hybrimoe_kt.measure.provenance import cpu_model, git_commit
@@ -69,10 +71,13 @@ def measure_host(strategies: Sequence[str] = DEPLOYABLE, *, layers: int = 26, hi
         from tqdm import tqdm
         bar = tqdm(total=len(strategies), desc="host time", unit="strategy", leave=False)
     t0 = time.perf_counter()
-    for name in strategies:
-        spec = get_strategy(name)
+    for strategy in strategies:
+        spec = strategy if isinstance(strategy, StrategySpec) else get_strategy(strategy)
+        name = spec.name
         moe = HybridMoE(store, Tier("cpu"), spec, slots_for(spec, layers, shape.n_experts, cache_ratio), cost,
                         shape.top_k, counts=counts, cpu_backends=backends, max_len=1024)
+        if prepare is not None:
+            prepare(moe)
         table[name], raw[name] = {}, {}
         with trivial_kernels(moe):
             run_replay(moe, replay, prefill[:1] + decode[:4], seed=seed, timed=False)  # warm-up

@@ -42,6 +42,7 @@ from hybrimoe_kt.kernels.triton_experts import triton_available, triton_experts_
 from hybrimoe_kt.runtime.device import Tier, real_host
 from hybrimoe_kt.runtime.graph_decode import GraphSafeDecode, graph_unsupported, triton_reads
 from hybrimoe_kt.runtime.layer_plan import apply_replacement, dispatch_plan
+from hybrimoe_kt.runtime.next_router import HintStats, NextRouter, check_next_router, hint_order
 from hybrimoe_kt.runtime.routing_io import check_call, route_to_host, to_host, to_host_placeholder
 from hybrimoe_kt.runtime.slots import SlotPool
 from hybrimoe_kt.runtime.step_cadence import StepCadence
@@ -80,6 +81,9 @@ class HybridMoE:
         if spec.decode_demand != "off":
             raise ValueError(f"strategy {spec.name}: decode demand loads (decode_demand) are a simulator "
                              f"ablation; the runtime does not implement them")
+        if spec.hidden_accuracy is not None:
+            raise ValueError(f"strategy {spec.name}: hidden_accuracy models a predictor in the simulator; the "
+                             f"runtime takes real predictions (set_next_router)")
         if not 1 <= top_k <= store.n_experts:
             raise ValueError(f"top_k={top_k} must be in 1..{store.n_experts}")
         self.store, self.tier, self.spec, self.top_k = store, tier, spec, top_k
@@ -130,9 +134,22 @@ class HybridMoE:
         self._capturing = False             # inside graph_step()
         self._graph_mark: Optional[float] = None  # when the last graph step's upkeep ran
         self._cadence: Optional[StepCadence] = None  # step-cadence strategies: decode without policy work
+        self._next_router: Optional[dict[int, NextRouter]] = None  # hidden-state hook (runtime.next_router)
+        self.hint_stats = HintStats()
         if spec.decode_lookup:
             self._cadence = StepCadence(self.controller, self.pool, self._masks, top_k)
             self._cadence.publish()
+
+    def set_next_router(self, layer: int, fn: Optional[NextRouter]) -> None:
+        """Run ``fn`` (layer+1's router) on layer ``layer``'s hidden state and prefetch what it predicts
+        (``runtime.next_router``); ``fn=None`` removes it. Needs a strategy with ``prefetch='hidden'``."""
+        check_next_router(self.spec.name, self.spec.prefetch, self.store.n_layers, layer)
+        routers = dict(self._next_router or {})
+        if fn is None:
+            routers.pop(layer, None)
+        else:
+            routers[layer] = fn
+        self._next_router = routers or None
 
     @property
     def label(self) -> str:
@@ -228,6 +245,8 @@ class HybridMoE:
         t_start = self._timer()
         n = x.shape[0]
         self._start(layer, n, t_start)
+        if self._next_router is not None:  # the hidden-state hook (off: this check only)
+            self._hint(layer, x)
         ids_cpu, w_cpu, ids_np, w_np, flat = self._route(topk_ids, topk_weights)
         if self._cadence is not None and self._cadence.recording:
             return self._decode_visible(layer, x, topk_weights, ids_cpu, w_cpu, ids_np, w_np, flat, shared,
@@ -267,6 +286,22 @@ class HybridMoE:
     def _route(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """The one device-to-host copy: routing ids and weights (the CPU kernel needs them anyway)."""
         return route_to_host(topk_ids, topk_weights, self.store.n_experts, self._to_host, self._real)
+
+    def _hint(self, layer: int, x: torch.Tensor) -> None:
+        """Layer ``layer + 1``'s router on ``x``: its predicted ids to the hidden prefetcher, before the
+        decision (their host copy also completes the routing's, launched before them)."""
+        fn = self._next_router.get(layer) if self._next_router is not None else None
+        if fn is None:
+            return
+        t0 = self._timer()
+        predicted = fn(x)
+        with self._real():
+            experts = hint_order(self._to_host(predicted, torch.int64).numpy())
+        self.policies.prefetcher.hint(layer + 1, experts)  # type: ignore[attr-defined]
+        hs = self.hint_stats
+        hs.calls += 1
+        hs.hinted += len(experts)
+        hs.seconds += self._timer() - t0
 
     def _decode_visible(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, ids_cpu: torch.Tensor,
                         w_cpu: torch.Tensor, ids_np: np.ndarray, w_np: np.ndarray, flat: Optional[list],

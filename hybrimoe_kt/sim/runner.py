@@ -21,6 +21,7 @@ from hybrimoe_kt.sim.oracle import best_variant, oracle_variants, uses_own_count
 from hybrimoe_kt.sim.oracle import own_counts as oracle_counts
 from hybrimoe_kt.sim.engine import RunStats, replay
 from hybrimoe_kt.sim.folds import Fold, make_folds
+from hybrimoe_kt.sim.hidden import with_modelled_hints
 from hybrimoe_kt.sim.metrics import Metrics
 from hybrimoe_kt.sim.progress import StepCounter, map_jobs
 from hybrimoe_kt.traces.format import Trace
@@ -102,6 +103,8 @@ def run_one(spec: StrategySpec, ratio: float, folds: Sequence[Fold], cost: Roofl
         counts = oracle_counts(fold, n_layers, n_experts) if own_counts else fold.counts
         pol = build_policies(spec, n_layers, n_experts, top_k, slots, clock, counts=counts,
                              uses=uses, future=future)
+        if spec.prefetch == "hidden":  # the modelled hidden-state predictor (sim.hidden)
+            pol = with_modelled_hints(pol, fold, clock, n_experts)
         cache = ExpertCache(n_layers, n_experts, slots, pol.eviction, global_pool=spec.pool == "global")
         cache.place(pol.placement)
         total.merge(replay(fold.steps, cost, pol, cache, clock, top_k, host))
