@@ -6,7 +6,8 @@ Wired for every family the block operator (``HybriMoEBlock``) or the experts ope
 (``HybriMoEExperts``, whose parent module is the family's MoE block) replaces: ``route`` reads the
 router by the family's attribute names, so no family needs its own code. ``attach_runtime`` calls
 ``attach_next_routers`` when the strategy prefetches with ``hidden`` (rule kwarg ``prefetch: hidden``
-on a per-layer strategy such as ``hybrimoe-layer``).
+on a per-layer strategy such as ``hybrimoe-layer``). The runtime skips the predictor in prefill when the
+strategy queues no background copies there (``background_in_prefill``), so only decode pays for it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,34 @@ from hybrimoe_kt.kt.families import FamilySpec, block_spec, route
 from hybrimoe_kt.runtime.next_router import NextRouter
 
 
+def _plain(block: Any, spec: FamilySpec) -> bool:
+    """True when the router's choice is the top-k of its logits: a monotone score (softmax or sigmoid),
+    no score correction and no grouped top-k."""
+    rs, gate = spec.router, getattr(block, spec.router_attr)
+    if rs.bias_attr is not None and getattr(gate, rs.bias_attr, None) is not None:
+        return False
+    n_group = getattr(gate, "num_group", None)
+    return not (rs.groups != "none" and n_group and (
+        rs.group_switch is None or getattr(gate, rs.group_switch) == "group_limited_greedy"))
+
+
 def next_router_fn(block: Any, spec: FamilySpec) -> NextRouter:
-    """``x [N, H] -> ids [N, k]``: ``block``'s router on ``x`` (the ids only; no gradient)."""
+    """``x [N, H] -> ids [N, k]``: the experts ``block``'s router chooses for ``x`` (no gradient). A plain
+    router (``_plain``) is one GEMV and a top-k of the logits (the same experts, fewer kernels); any other
+    runs the family's whole rule (``families.route``)."""
+    if not _plain(block, spec):
+        def full(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return route(block, x, spec)[0]
+        return full
+    gate, fp32 = getattr(block, spec.router_attr), spec.router.fp32_logits
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def plain(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return route(block, x, spec)[0]
-
-    return predict
+            w = gate.weight
+            logits = x.float() @ w.float().t() if fp32 else x @ w.to(x.dtype).t()
+            return logits.topk(gate.top_k, dim=-1).indices
+    return plain
 
 
 def router_block(model: torch.nn.Module, op: Any) -> tuple[Any, FamilySpec]:

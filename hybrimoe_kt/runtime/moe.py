@@ -291,7 +291,7 @@ class HybridMoE:
         """Layer ``layer + 1``'s router on ``x``: its predicted ids to the hidden prefetcher, before the
         decision (their host copy also completes the routing's, launched before them)."""
         fn = self._next_router.get(layer) if self._next_router is not None else None
-        if fn is None:
+        if fn is None or (self._prefill and not self.spec.background_in_prefill):  # no copies to feed
             return
         t0 = self._timer()
         predicted = fn(x)

@@ -6,7 +6,8 @@ input hidden state before its routing goes to the host, brings the predicted ids
 routing (one more device-to-host copy), and hands them to the strategy's ``HiddenPrefetch`` as the hint
 for layer ``layer + 1`` before the controller decides layer ``layer``; layer ``layer``'s background
 copies then prefetch the hinted experts that are not resident (``core.prefetch.hidden``). A prefetch
-only changes where an expert runs, never what it computes.
+only changes where an expert runs, never what it computes. In prefill the predictor is skipped when the
+strategy queues no background copies there (``StrategySpec.background_in_prefill``; hybrimoe-layer).
 
 Off by default: with no predictor registered the layer call does one attribute check. The step
 cadence's decode path (``runtime.step_cadence``) never calls it: strategies with the step cadence

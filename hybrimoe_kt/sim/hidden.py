@@ -33,7 +33,7 @@ from hybrimoe_kt.sim.folds import Fold
 # host-side Python of the runtime hook per layer call (the predictor call, its ids to numpy, the hint),
 # measured on the machine of results/host-this-machine.json; scaled by each profile's host.scale
 HOOK_HOST_US = 30.0
-GATE_LAUNCHES = 3  # the router GEMV, its softmax and its top-k: one GPU kernel launch each
+GATE_LAUNCHES = 2  # the router GEMV and the top-k of its logits (kt.hidden_hook): one GPU launch each
 
 
 def modelled_hint(routing: LayerRouting, accuracy: float, n_experts: int,

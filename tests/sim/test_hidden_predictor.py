@@ -108,7 +108,7 @@ def test_refusals() -> None:
 
 def test_gate_cost_counts_launches_the_gemv_the_copy_and_the_hook() -> None:
     p, m = load_profile("rtx4090-ddr5"), get_model("mixtral-8x7b")
-    base = 3 * p.gpu.call_overhead_us + p.pcie.latency_us
+    base = 2 * p.gpu.call_overhead_us + p.pcie.latency_us
     t = gate_cost_s(p, m, hook_host_us=0.0) * 1e6
     assert base < t < base + 1.0  # the GEMV itself: 64 KiB of weights, well under a microsecond
     assert gate_cost_s(p, m, hook_host_us=10.0) * 1e6 == pytest.approx(t + 10.0 * p.host.scale)
