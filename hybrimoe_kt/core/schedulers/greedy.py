@@ -83,6 +83,33 @@ class _Layer:
         avail, gt, ct = self.inputs(on)
         return ends_from_times(avail, gt, ct, self.cpu_call, self.gpu_call, self.gpu_free)
 
+    def ends_below(self, on: list[bool], bound: float) -> tuple[float, float] | None:
+        """``ends(on)`` (the same float operations), or None as soon as a tier reaches ``bound``."""
+        c, g, a, m, cf, t = self.c, self.g, self.a, self.m, self.copy_free, self.t
+        cpu = self.cpu_call
+        clock = self.start
+        any_cpu = any_gpu = False
+        r = 0
+        for i, x in enumerate(on):
+            if x:
+                if i < m:
+                    av = a[i]
+                else:
+                    r += 1
+                    av = cf + r * t
+                if av > clock:
+                    clock = av
+                clock += g[i]
+                if clock >= bound:
+                    return None
+                any_gpu = True
+            else:
+                cpu += c[i]
+                if cpu >= bound:
+                    return None
+                any_cpu = True
+        return (cpu if any_cpu else 0.0), (clock if any_gpu else 0.0)
+
     def split(self, on: list[bool]) -> Split:
         avail, gt, ct = self.inputs(on)
         c_end, g_end = ends_from_times(avail, gt, ct, self.cpu_call, self.gpu_call, self.gpu_free)
@@ -167,10 +194,10 @@ def improve(L: _Layer, on: list[bool], rounds: int = ROUNDS, top: int = TOP) -> 
                 trial[x] = True
             if y >= 0:
                 trial[y] = False
-            ce, ge = L.ends(trial)
-            ms = ce if ce > ge else ge
-            if ms < best:
-                best, chosen, c_end, g_end = ms, trial, ce, ge
+            ends = L.ends_below(trial, best)
+            if ends is not None:
+                ce, ge = ends
+                best, chosen, c_end, g_end = (ce if ce > ge else ge), trial, ce, ge
         if chosen is None:
             break
         on = chosen
