@@ -8,8 +8,9 @@ next layer is in the hint with probability ``a``, else a uniformly drawn wrong o
 ``hybrimoe-layer/hidden@a``: ``hybrimoe-layer`` (the per-layer cadence; the step cadence's decode layers
 make no per-layer copies, so ``hybrimoe`` cannot take hints) with its impact prefetch replaced by the
 hinted experts of the next layer (``core.prefetch.hidden``), admitted by the same expected-reuse rule
-(a hint's expected use = the measured precision of past hints). ``.../gate-free`` (a = 1 only): the
-same without the predictor's cost, to show what the gate costs.
+(a hint's expected use = the measured precision of past hints). Brackets at a = 1 only:
+``.../gate-free``: without the predictor's cost; ``.../gate-gpu-only``: the GPU part of it only (launches,
+GEMV, the extra copy; no host-side Python: a predictor fused into the router's own kernels and copy).
 
 Host time: each variant pays ``hybrimoe-layer``'s profile host time plus, as critical host time per
 decode layer call, ``sim.hidden.gate_cost_s``: 2 GPU launches (the router GEMV, the top-k of its logits)
@@ -53,6 +54,7 @@ _spec.loader.exec_module(pg)  # type: ignore[union-attr]
 BASE = "hybrimoe-layer"
 PREFIX = f"{BASE}/hidden@"
 GATE_FREE = "/gate-free"
+GATE_GPU = "/gate-gpu-only"
 ACCURACIES = (0.5, 0.7, 0.85, 0.95, 1.0)
 COMPARE = (BASE, "hybrimoe", "oracle")
 REF_HOST = Path("results/host-this-machine.json")  # the measurement the profiles' host sections scale
@@ -65,7 +67,8 @@ def variants(accuracies, seed: int) -> list[StrategySpec]:
                                                         f"hidden-state predictor of accuracy {a:g}")
            for a in accuracies]
     top = max(accuracies)
-    out.append(with_overrides(out[list(accuracies).index(top)], name=f"{PREFIX}{top:g}{GATE_FREE}"))
+    for tail in (GATE_FREE, GATE_GPU):
+        out.append(with_overrides(out[list(accuracies).index(top)], name=f"{PREFIX}{top:g}{tail}"))
     return out
 
 
@@ -82,7 +85,8 @@ class _Setup(SimSetup):
             return base
         # the runtime skips the predictor in prefill when the strategy queues no copies there
         rows = {"decode": 1, "prefill": self.prefill_chunk if spec.background_in_prefill else 0}
-        return {p: HostTime(t.critical + (gate_cost_s(self.profile, self.model, rows[p], self.hook_us)
+        hook = 0.0 if spec.name.endswith(GATE_GPU) else self.hook_us
+        return {p: HostTime(t.critical + (gate_cost_s(self.profile, self.model, rows[p], hook)
                                           if rows[p] else 0.0), t.background, t.upkeep) for p, t in base.items()}
 
 
@@ -192,7 +196,8 @@ def main() -> None:
            "note": "SIMULATED ABLATION: hybrimoe-layer with a modelled hidden-state predictor of stated accuracy "
                    "(sim.hidden) in place of its impact prefetch; host time charged from the profiles (never zero): "
                    "hybrimoe-layer's plus the predictor's cost per layer call (gate_cost_us_per_layer); "
-                   f"{GATE_FREE}: without the predictor's cost; grid as scripts/policy_goals.py",
+                   f"{GATE_FREE}: without the predictor's cost; {GATE_GPU}: its GPU part only (no hook Python); "
+                   "grid as scripts/policy_goals.py",
            "accuracies": accs, "hook_host_us_ref_equivalent": _Setup.hook_us, "hook_measurement": hook,
            "gate_cost_us_per_layer": charged, "hardware_profiles": args.hardware.split(","),
            "profiles": {hw: {"gpu_call_overhead_us": p.gpu.call_overhead_us, "pcie_latency_us": p.pcie.latency_us,
