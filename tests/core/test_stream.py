@@ -143,3 +143,29 @@ def test_memory_counts_the_staging_buffers() -> None:
     # the slots hold the GGUF blocks; the other GPU weights stay bf16
     assert plain.expert_bytes == m.expert_bytes("q4_k_m")
     assert plain.resident["attention"] == memory_budget(m, "bf16", 24.0).resident["attention"]
+
+
+def test_quick_split_is_the_best_resident_prefix_and_never_beats_balanced() -> None:
+    """``quick_split`` (the stream options' price) = the best of balanced's no-load candidates (k, 0),
+    checked by brute force over every resident prefix, and never below balanced's own makespan."""
+    from hybrimoe_kt.core.schedulers.makespan import canonical_queue, makespan, token_map
+    from hybrimoe_kt.core.stream import quick_split
+
+    cost = RooflineCost.build(load_profile("rtx5090-ddr5"), get_model("deepseek-v2-lite"), "q4_k_m", "q4_k_m")
+    sched = BalancedScheduler()
+    rng = np.random.default_rng(7)
+    for case in range(60):
+        r = routing(1, int(rng.integers(1, 200)), seed=case, n_experts=64, k=6)
+        resident = set(rng.choice(64, int(rng.integers(0, 64)), replace=False).tolist())
+        ready = {e: float(rng.random()) * 4 * cost.transfer() for e in resident if rng.random() < 0.6}
+        gpu_free = float(rng.random()) * 1e-4
+        q = quick_split(r, resident, cost, ready, gpu_free)
+        assert not q.loads and sorted(q.gpu + q.cpu) == sorted(r.experts)
+        tokens = token_map(r)
+        assert q.makespan_s == pytest.approx(makespan(q.gpu, q.cpu, (), tokens, cost, ready, 0.0, gpu_free))
+        res, _, unc, _ = canonical_queue(r, resident, ready)
+        brute = min(makespan(tuple(res[:k]), tuple(res[k:]) + tuple(unc), (), tokens, cost, ready, 0.0, gpu_free)
+                    for k in range(len(res) + 1))
+        assert q.makespan_s == pytest.approx(brute, rel=1e-12)
+        b = sched.plan(r, resident, cost, ready, 0.0, gpu_free)
+        assert q.makespan_s >= b.makespan_s * (1 - 1e-12)
