@@ -50,7 +50,7 @@ def median_host(runs: list[HostCosts]) -> HostCosts:
     """Per strategy, phase and part, the median over repeated measurements (the machine is shared)."""
     first = runs[0]
     table = {s: {p: HostTime(*(float(np.median([getattr(r.strategies[s][p], part) for r in runs]))
-                               for part in ("critical", "background", "upkeep")))
+                               for part in ("critical", "background", "upkeep", "stream")))
                  for p in phases} for s, phases in first.strategies.items()}
     return HostCosts(table, 1.0, f"{first.source}; median of {len(runs)} measurements",
                      {"runs": [r.measured for r in runs]})

@@ -133,8 +133,7 @@ class Controller:
                 continue
             if victim is not None:
                 evictions.append(victim)
-        stream = (self._plan_stream(routing, split, now, gpu_free)
-                  if self._stream and is_prefill and layer + 1 < cache.n_layers else None)
+        stream = self._plan_stream(routing, split, now, gpu_free) if self.prices_stream(routing, is_prefill) else None
         demand_end = self.copy_free_at
         if self.spec.uses_gpu_cache:
             pol.prefetcher.observe(routing)
@@ -144,6 +143,13 @@ class Controller:
         self._pending = _Pending(routing, split.cpu, now + split.makespan_s, is_prefill, keep)
         plan = Plan(layer, split.gpu, split.cpu, split.loads, tuple(evictions), split.makespan_s)
         return Decision(plan, h, lh, m, landing, ready, tuple(streamed), demand_end, from_stage, stream)
+
+    def prices_stream(self, routing: LayerRouting, is_prefill: bool) -> bool:
+        """Whether ``decide`` prices streaming the next layer for this call (a prefill call of at least
+        ``stream_min_rows`` rows below the last layer, of a streaming strategy): the host time
+        ``HostTime.stream`` the simulator charges such a call."""
+        return (self._stream and is_prefill and routing.layer + 1 < self.cache.n_layers
+                and routing.n_rows >= self.spec.stream_min_rows)
 
     def _split(self, routing: LayerRouting, resident, ready, copy_free: float, gpu_free: float,
                is_prefill: bool = True):

@@ -11,6 +11,10 @@ The runtime's own Python work per layer is part of what a strategy costs (the re
 - ``upkeep_us`` (optional, 0 when absent): a step-cadence strategy's cache upkeep between decode steps
   (``core.upkeep``), amortized per layer call. It runs on the host thread before the step's first
   layer, so the simulator charges ``upkeep_us`` times the step's layers before the step in full.
+- ``stream_us`` (optional, prefill, 0 when absent): what pricing the next layer's stream
+  (``core.stream``) adds to a layer call that prices it (``Controller.prices_stream``), on top of
+  ``critical_us``; it delays the layer in full. Measured as the strategy's prefill critical time minus
+  that of the same strategy without streaming.
 
 ``hybrimoe-kt calibrate`` measures them from the runtime itself (kernels as no-ops); presets carry an
 estimate scaled from such a measurement, with the factor and its source. Bounds (``oracle``,
@@ -34,11 +38,12 @@ class HostTime:
     critical: float = 0.0
     background: float = 0.0
     upkeep: float = 0.0
+    stream: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.critical < 0 or self.background < 0 or self.upkeep < 0:
+        if self.critical < 0 or self.background < 0 or self.upkeep < 0 or self.stream < 0:
             raise ValueError(f"host times must be >= 0, got critical {self.critical}, background "
-                             f"{self.background}, upkeep {self.upkeep}")
+                             f"{self.background}, upkeep {self.upkeep}, stream {self.stream}")
 
 
 ZERO_HOST = HostTime()
@@ -67,7 +72,8 @@ class HostCosts:
         return {"scale": self.scale, "source": self.source, "measured": dict(self.measured),
                 "strategies": {s: {p: {"critical_us": round(t.critical * 1e6, 3),
                                        "background_us": round(t.background * 1e6, 3),
-                                       **({"upkeep_us": round(t.upkeep * 1e6, 3)} if t.upkeep else {})}
+                                       **({"upkeep_us": round(t.upkeep * 1e6, 3)} if t.upkeep else {}),
+                                       **({"stream_us": round(t.stream * 1e6, 3)} if t.stream else {})}
                                    for p, t in phases.items()}
                                for s, phases in sorted(self.strategies.items())}}
 
@@ -90,12 +96,13 @@ class HostCosts:
             strategies[name] = {}
             for phase, t in phases.items():
                 if (not isinstance(t, Mapping) or not {"critical_us", "background_us"} <= set(t)
-                        or not set(t) <= {"critical_us", "background_us", "upkeep_us"}):
+                        or not set(t) <= {"critical_us", "background_us", "upkeep_us", "stream_us"}):
                     raise ValueError(f"host.strategies.{name}.{phase} must be {{critical_us, background_us"
-                                     f"[, upkeep_us]}}, got {t!r}"[:200])
+                                     f"[, upkeep_us][, stream_us]}}, got {t!r}"[:200])
                 strategies[name][phase] = HostTime(float(t["critical_us"]) * 1e-6,
                                                    float(t["background_us"]) * 1e-6,
-                                                   float(t.get("upkeep_us", 0.0)) * 1e-6)
+                                                   float(t.get("upkeep_us", 0.0)) * 1e-6,
+                                                   float(t.get("stream_us", 0.0)) * 1e-6)
         scale = float(d.get("scale", 1.0))
         if not scale > 0:
             raise ValueError(f"host.scale must be > 0, got {scale}")
@@ -103,6 +110,7 @@ class HostCosts:
 
     def scaled(self, factor: float, source: str) -> "HostCosts":
         """These times multiplied by ``factor`` (another machine's estimate), with the reason."""
-        return HostCosts({s: {p: HostTime(t.critical * factor, t.background * factor, t.upkeep * factor)
+        return HostCosts({s: {p: HostTime(t.critical * factor, t.background * factor, t.upkeep * factor,
+                                          t.stream * factor)
                               for p, t in ph.items()}
                           for s, ph in self.strategies.items()}, self.scale * factor, source, self.measured)

@@ -65,6 +65,7 @@ class StrategySpec:
     prefill_stream: bool = False        # prefill: stage the next layer's non-residents while a layer runs
                                         # when the cost model says it pays (core.stream)
     stream_buffer: int = 0              # experts per staging buffer (two alternate); 0 = a whole layer
+    stream_min_rows: int = 0            # prefill calls of fewer rows do not price the stream (its host time)
     # prefill forwards of at least this many rows run each MoE layer on the GPU after copying the whole
     # layer into a full-layer buffer (sglang-kt's --kt-gpu-prefill-token-threshold; core.layerwise); 0 = off
     layerwise_threshold: int = 0
@@ -119,6 +120,8 @@ class StrategySpec:
                              f"prefetch='hidden', got {self.hidden_accuracy} with prefetch {self.prefetch!r}")
         if self.stream_buffer < 0:
             raise ValueError(f"strategy {self.name}: stream_buffer must be >= 0 (0 = a whole layer)")
+        if self.stream_min_rows < 0:
+            raise ValueError(f"strategy {self.name}: stream_min_rows must be >= 0 (0 = every prefill call)")
         if self.step_copy_budget < 0 or self.swap_depth < 1:
             raise ValueError(f"strategy {self.name}: step_copy_budget must be >= 0 and swap_depth >= 1")
         if self.layerwise_threshold < 0:

@@ -9,7 +9,11 @@ amortized over them as in the model) and small matrices (no kernel reads them). 
 
 - background = the runtime's own ``background_s`` of the call (deciding and queueing background copies);
 - critical = the whole layer call minus its background part;
-- upkeep (step-cadence strategies) = the step's upkeep before its first layer, per layer call.
+- upkeep (step-cadence strategies) = the step's upkeep before its first layer, per layer call;
+- stream (streaming strategies, prefill) = what pricing the next layer's stream adds to a call: the
+  strategy's prefill critical time minus that of its twin without streaming (measured beside it), so
+  that ``critical`` is the call without it and the simulator charges the rest only where a call prices
+  a stream (``Controller.prices_stream``: short prompts under ``stream_min_rows`` do not).
 
 Medians over the calls of each phase (the machine is shared: the median ignores other processes'
 bursts). The GPU tier is the CPU stand-in here: on a CUDA machine the same code measures the real path.
@@ -28,6 +32,7 @@ from hybrimoe_kt.core.host import HostCosts, HostTime
 log = logging.getLogger(__name__)
 
 DEPLOYABLE = ("stock", "static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe-layer", "hybrimoe")
+NO_STREAM = "/no-stream"  # suffix of the twin measured without streaming (its raw figures stay in ``measured``)
 
 
 def measure_host(strategies: Sequence[Any] = DEPLOYABLE, *, layers: int = 26, hidden: int = 256,
@@ -41,7 +46,7 @@ def measure_host(strategies: Sequence[Any] = DEPLOYABLE, *, layers: int = 26, hi
 
     from hybrimoe_kt.core.cost import RooflineCost
     from hybrimoe_kt.core.hardware import load_profile
-    from hybrimoe_kt.core.strategies import StrategySpec, get_strategy, slots_for
+    from hybrimoe_kt.core.strategies import StrategySpec, get_strategy, slots_for, with_overrides
     from hybrimoe_kt.kernels.cpu_backend import make_cpu_backend
     from hybrimoe_kt.kernels.cpu_ktkernel import CpuWorkerPool
     from hybrimoe_kt.measure.provenance import cpu_model, git_commit
@@ -66,13 +71,15 @@ def measure_host(strategies: Sequence[Any] = DEPLOYABLE, *, layers: int = 26, hi
     decode = replay.steps("decode")
     table: dict[str, dict[str, HostTime]] = {}
     raw: dict[str, Any] = {}
+    specs = [s if isinstance(s, StrategySpec) else get_strategy(s) for s in strategies]
+    twins = {s.name: with_overrides(s, name=f"{s.name}{NO_STREAM}", prefill_stream=False)
+             for s in specs if s.prefill_stream}
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(strategies), desc="host time", unit="strategy", leave=False)
+        bar = tqdm(total=len(specs) + len(twins), desc="host time", unit="strategy", leave=False)
     t0 = time.perf_counter()
-    for strategy in strategies:
-        spec = strategy if isinstance(strategy, StrategySpec) else get_strategy(strategy)
+    for spec in [*specs, *twins.values()]:
         name = spec.name
         moe = HybridMoE(store, Tier("cpu"), spec, slots_for(spec, layers, shape.n_experts, cache_ratio), cost,
                         shape.top_k, counts=counts, cpu_backends=backends, max_len=1024)
@@ -99,6 +106,10 @@ def measure_host(strategies: Sequence[Any] = DEPLOYABLE, *, layers: int = 26, hi
             bar.update(1)
     if bar is not None:
         bar.close()
+    for name, twin in twins.items():  # the stream's share of the prefill call, then the twin is dropped
+        full, plain = table[name]["prefill"], table.pop(twin.name)["prefill"]
+        table[name]["prefill"] = HostTime(min(full.critical, plain.critical), full.background, full.upkeep,
+                                          max(0.0, full.critical - plain.critical))
     commit, dirty = git_commit()
     measured = {"method": "runtime with no-op kernels (runtime.harness.trivial_kernels); per call, critical "
                           "= layer call - its background part; medians over the calls", "stack": shape.describe(),

@@ -143,7 +143,9 @@ class _Replay:
         """One MoE layer call; returns the GPU's busy time in it."""
         cost, st, ctl, n = self.cost, self.st, self.ctl, step.n_rows
         t_attn = cost.non_moe(n)
-        self.now += t_attn + ht.critical  # the kernels wait for the host's critical part
+        # the kernels wait for the host's critical part (and for pricing the next layer's stream)
+        critical = ht.critical + (ht.stream if ht.stream and ctl.prices_stream(r, step.is_prefill) else 0.0)
+        self.now += t_attn + critical
         now = self.now
         shared = cost.shared(n)
         d = ctl.decide(r, now, shared, step.is_prefill)
@@ -185,10 +187,10 @@ class _Replay:
         kernels_end = max(now + cpu_t, gpu_end)
         self.now = max(kernels_end, now + ht.background)  # background host work beyond the kernels delays
         st.host_delay_s += self.now - kernels_end
-        st.host_critical_s += ht.critical
+        st.host_critical_s += critical
         st.host_background_s += ht.background
         st.moe_layer_calls += 1
-        ctl.finish(self.now - now + t_attn + ht.critical)
+        ctl.finish(self.now - now + t_attn + critical)
         st.cpu_busy_s += cpu_t
         st.gpu_experts += len(plan.gpu)
         st.cpu_experts += len(plan.cpu)

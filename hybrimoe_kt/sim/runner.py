@@ -162,6 +162,7 @@ def _host_fields(ht: Optional[Mapping[str, HostTime]]) -> dict[str, float]:
         t = ht[phase] if ht else None
         out[f"{prefix}_critical_us_per_layer"] = round(t.critical * 1e6, 3) if t else 0.0
         out[f"{prefix}_background_us_per_layer"] = round(t.background * 1e6, 3) if t else 0.0
+    out["host_prefill_stream_us_per_call"] = round(ht["prefill"].stream * 1e6, 3) if ht else 0.0
     return out
 
 

@@ -104,3 +104,26 @@ def test_gguf_slot_formats_are_not_projections() -> None:
 
     assert {"bf16", "q8_0", "q4_k_m"} <= set(RUNTIME_GPU_FORMATS)
     assert "int4-g128" not in RUNTIME_GPU_FORMATS
+
+
+def test_stream_pricing_is_charged_only_where_a_call_prices_the_stream() -> None:
+    """``HostTime.stream`` delays exactly the prefill calls the controller prices a stream for: none
+    below ``stream_min_rows`` rows, none at the last layer, none in decode; and it round-trips in JSON."""
+    t = HostTime(1 * US, 0.0, 0.0, 400 * US)
+    assert HostCosts.from_dict(HostCosts({"hybrimoe": {"prefill": t}}).to_dict()).get("hybrimoe", "prefill") == t
+    trace = synthetic_trace("deepseek-v2-lite", n_requests=1, prompt_len=32, decode_len=4, seed=0, n_layers=3)
+    setup = SimSetup(trace, "t", get_model("deepseek-v2-lite"), load_profile("rtx5090-ddr5"))
+    base = get_strategy("hybrimoe")
+    assert base.prefill_stream
+    host = HostCosts({s: {"decode": HostTime(1 * US), "prefill": t}
+                      for s in ("hybrimoe",)}, source="test")
+    setup = dataclasses.replace(setup, profile=dataclasses.replace(setup.profile, host=host))
+    specs = [dataclasses.replace(base, name=f"hybrimoe/min{m}", stream_min_rows=m) for m in (0, 33)]
+    recs = {r["strategy"]: r for r in simulate(setup, specs, [0.25], workers=1)}
+    priced, gated = recs["hybrimoe/min0"], recs["hybrimoe/min33"]
+    # one prompt of 32 rows, 3 layers: layers 0 and 1 price the next layer's stream, unless gated
+    assert priced["host_prefill_stream_us_per_call"] == pytest.approx(400)
+    assert priced["prefill_tok_s"] < gated["prefill_tok_s"]
+    assert priced["decode_tok_s"] == pytest.approx(gated["decode_tok_s"], rel=0.05)  # decode pays no stream
+    with pytest.raises(ValueError, match="stream_min_rows"):
+        dataclasses.replace(base, stream_min_rows=-1)
