@@ -7,7 +7,13 @@ preset CPU's, from boost clocks and relative per-clock performance (an estimate,
 Host work is single-threaded Python and torch dispatch, so single-thread speed is what scales it. On a
 real GPU, kernel launches add host time the CPU stand-in does not pay; the estimate does not include it.
 
-    python scripts/preset_host.py [--seed 0]
+The factors are stated against the reference machine below. Measured on another machine, pass
+``--machine-factor F``: that machine's host time over the reference's, measured by running the
+reference measurement's own commit there (a ``git worktree``; ``measure_host`` on stock and
+static-frequency) and comparing with the reference's figures for them; the presets then get the
+measurement / F x their factor.
+
+    python scripts/preset_host.py [--seed 0] [--machine-factor F --machine-note "..."]
 """
 
 from __future__ import annotations
@@ -61,12 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="measurements; each figure is their median")
     ap.add_argument("--out", default=str(REPO / "results" / "host-this-machine.json"))
+    ap.add_argument("--machine-factor", type=float, default=1.0,
+                    help="this machine's host time over the reference machine's (see the module docstring)")
+    ap.add_argument("--machine-note", default="", help="how --machine-factor was measured")
     ap.add_argument("--strategies", default=None,
                     help="comma-separated: measure only these and replace only their entries (in --out and "
                          "in every preset); default: every deployable strategy, replacing the whole section")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    if not args.machine_factor > 0:
+        ap.error(f"--machine-factor must be > 0, got {args.machine_factor}")
+    if args.machine_factor != 1.0 and not args.machine_note:
+        ap.error("--machine-factor needs --machine-note (how it was measured)")
     only = args.strategies.split(",") if args.strategies else None
     kw = {"strategies": only} if only else {}
     runs = [measure_host(seed=args.seed + i, progress=True, **kw) for i in range(args.repeats)]
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**provenance(seed=args.seed), "label": "host time per MoE layer call, runtime "
                                "with no-op kernels, GPU tier = CPU stand-in (device cpu)",
+                               "machine_factor": {"value": args.machine_factor, "reference": HERE,
+                                                  "note": args.machine_note or "this is the reference machine"},
                                "host": host.to_dict()}, indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}")
     for name, (factor, reason) in FACTORS.items():
@@ -88,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {name}: no preset file")
             continue
         d = json.loads(path.read_text())
+        if args.machine_factor != 1.0:
+            factor = round(factor / args.machine_factor, 4)
+            reason = (f"{reason}; this machine's host time is x{args.machine_factor:g} the reference's "
+                      f"({args.machine_note})")
         d["host"] = estimate_for(host, factor, reason, f"the measurement in results/{out.name}").to_dict()
         d["host"]["measured"] = {}  # the raw figures live in the results file
         path.write_text(json.dumps(d, indent=2) + "\n")
