@@ -156,8 +156,11 @@ def main() -> None:
         model = infer_model(trace.model, trace.n_layers, trace.n_experts, trace.top_k)
         for hw in args.hardware.split(","):
             setup = _Setup(trace, Path(tspec).name, model, load_profile(hw))
-            charged[f"{model.name} {hw}"] = {p: round(gate_cost_s(setup.profile, model, r, _Setup.hook_us) * 1e6, 2)
-                                             for p, r in (("decode", 1), ("prefill", setup.prefill_chunk))}
+            charged[f"{model.name} {hw}"] = {  # prefill: 0 (the runtime skips the predictor there, see _Setup)
+                "decode": round(gate_cost_s(setup.profile, model, 1, _Setup.hook_us) * 1e6, 2),
+                "decode_gate_gpu_only": round(gate_cost_s(setup.profile, model, 1, 0.0) * 1e6, 2),
+                "prefill": round(gate_cost_s(setup.profile, model, setup.prefill_chunk, _Setup.hook_us) * 1e6, 2)
+                if STRATEGIES[BASE].background_in_prefill else 0.0}
             rs = pg.fitting(setup, specs, ratios)
             t0 = time.perf_counter()
             recs = simulate(setup, specs, rs, provenance=None)
