@@ -169,12 +169,14 @@ STRATEGIES: Mapping[str, StrategySpec] = {s.name: s for s in (
                  "copies' worth of host-memory reads (MRS ranks the residents, a reuse rate prices the "
                  "swap), copies booked for about one step; the scores learn from decode steps only (a "
                  "prompt's routing is another distribution); prefill: balanced split with demand loads, or none "
-                 "when the copies' pull on host memory would slow the CPU tier more than they save; long prefills "
-                 "stream: up to 64 of the next layer's non-residents are staged while a layer runs when the "
-                 "cost model says it pays",
+                 "when the copies' pull on host memory would slow the CPU tier more than they save; prefill calls "
+                 "of 64+ rows price streaming: up to 64 of the next layer's non-residents are staged while a "
+                 "layer runs when the cost model says it pays (shorter calls skip the pricing, whose host "
+                 "time they would not win back)",
                  "balanced", "mrs", admit_misses=True, admission="expected-reuse", admission_margin=4.0,
                  copy_horizon_layers=4.0, background_in_prefill=False, cadence="step",
-                 learn_from_prefill=False, prefill_contention=True, prefill_stream=True, stream_buffer=64),
+                 learn_from_prefill=False, prefill_contention=True, prefill_stream=True, stream_buffer=64,
+                 stream_min_rows=64),  # chosen on tuning data: results/ablation-stream-gate-tuning.json
     StrategySpec("oracle", "clairvoyant reference: Belady eviction, perfect prefetch through the same "
                  "copy queue, balanced scheduling", "balanced", "belady", prefetch="oracle",
                  prefetch_depth=4, admit_misses=True, admission="expected-reuse", admission_margin=1.0,

@@ -76,7 +76,7 @@ def test_choice_streams_when_it_pays_and_not_when_copies_cost_more() -> None:
 
 
 def controller(cost: RooflineCost, stream: bool = True) -> Controller:
-    spec = with_overrides(get_strategy("hybrimoe"), prefill_stream=stream)
+    spec = with_overrides(get_strategy("hybrimoe"), prefill_stream=stream, stream_min_rows=0)  # short test prompts
     clock = Clock()
     pol = build_policies(spec, L, E, K, 2, clock)
     cache = ExpertCache(L, E, 2, pol.eviction)

@@ -37,7 +37,7 @@ class StepTimer:
 
 
 def make(stream: bool, store, cost: RooflineCost, n_experts: int) -> HybridMoE:
-    spec = with_overrides(get_strategy("hybrimoe"), prefill_stream=stream)
+    spec = with_overrides(get_strategy("hybrimoe"), prefill_stream=stream, stream_min_rows=0)  # short test prompts
     return HybridMoE(store, Tier("cpu"), spec, 2, cost, K, counts=np.ones((store.n_layers, n_experts), np.int64),
                      cpu_backend="torch", cpu_threads=1, timer=StepTimer())
 
