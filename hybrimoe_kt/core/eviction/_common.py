@@ -61,3 +61,38 @@ def step_layers(ids: np.ndarray, n_layers: int, n_experts: int) -> np.ndarray:
     if ids.size and int(ids.max()) >= n_experts:
         raise ValueError(f"step routing names expert {int(ids.max())}, but the model has {n_experts} experts")
     return np.broadcast_to(np.arange(n_layers)[:, None, None], ids.shape)
+
+
+class RateRanked:
+    """The ranking half of a policy scored by an ``[L, E]`` rate (expected activations per token):
+    ``victim`` = lowest rate, ties by id; ``score`` = the rate; admissions and evictions change nothing.
+    Subclasses provide ``rate`` (an array or a property) and may override ``_rate_rows`` to compute only
+    the rows a masked victim search reads."""
+
+    rate: np.ndarray
+
+    def _rate_rows(self, first: int, n: int) -> np.ndarray:
+        return self.rate[first:first + n]
+
+    def score_array(self) -> np.ndarray:
+        """[L, E] rates (a live view where ``rate`` is stored, a new array where it is computed)."""
+        return self.rate
+
+    def on_admit(self, eid: ExpertId) -> None:
+        """Admission is not an activation."""
+
+    def on_evict(self, eid: ExpertId) -> None:
+        """The history survives eviction."""
+
+    def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
+        if not candidates:
+            raise ValueError("victim() needs at least one candidate")
+        v = self.rate
+        return min(candidates, key=lambda eid: (v[eid[0], eid[1]], eid))  # lowest, ties by id
+
+    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
+        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
+        return lowest_masked(first, mask, self._rate_rows(first, mask.shape[0]))
+
+    def score(self, eid: ExpertId) -> float:
+        return float(self._rate_rows(eid[0], 1)[0, eid[1]])

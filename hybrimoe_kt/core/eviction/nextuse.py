@@ -20,15 +20,13 @@ always that of the current token. The reuse-distance prior for an expert seen on
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked, step_layers
-from hybrimoe_kt.core.types import ExpertId, LayerRouting
+from hybrimoe_kt.core.eviction._common import RateRanked, check_dims, step_layers
+from hybrimoe_kt.core.types import LayerRouting
 
 
-class NextUse:
+class NextUse(RateRanked):
     name = "nextuse"
 
     def __init__(self, n_layers: int, n_experts: int, top_k: int = 1, beta: float = 0.3) -> None:
@@ -110,29 +108,3 @@ class NextUse:
         """[L, E] predicted tokens until the next use (inf for experts never used)."""
         r = self.rate
         return np.where(r > 0, 1.0 / np.where(r > 0, r, 1.0), np.inf)
-
-    def score_array(self) -> np.ndarray:
-        """[L, E] values (a new array: they move with the token clock)."""
-        return self.rate
-
-    def on_admit(self, eid: ExpertId) -> None:
-        """Admission is not a use."""
-
-    def on_evict(self, eid: ExpertId) -> None:
-        """The history survives eviction."""
-
-    def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
-        if not candidates:
-            raise ValueError("victim() needs at least one candidate")
-        v = self.rate
-        return min(candidates, key=lambda eid: (v[eid[0], eid[1]], eid))  # lowest, ties by id
-
-    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
-        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
-        return lowest_masked(first, mask, self._rate_rows(first, mask.shape[0]))
-
-    def score(self, eid: ExpertId) -> float:
-        layer, e = eid
-        if self.last[layer, e] < 0:
-            return 0.0
-        return 1.0 / max(float(self.gap[layer, e]), float(self.tok[layer] - self.last[layer, e]))

@@ -15,15 +15,13 @@ activations during a residency. ``victim`` = lowest f, ties by id; ``score`` = f
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
-from hybrimoe_kt.core.eviction._common import check_dims, lowest_masked, step_layers
-from hybrimoe_kt.core.types import ExpertId, LayerRouting
+from hybrimoe_kt.core.eviction._common import RateRanked, check_dims, step_layers
+from hybrimoe_kt.core.types import LayerRouting
 
 
-class ReuseRate:
+class ReuseRate(RateRanked):
     name = "reuse"
 
     def __init__(self, n_layers: int, n_experts: int, half_life: float = 32.0) -> None:
@@ -71,27 +69,3 @@ class ReuseRate:
                             ids.shape)
         self.rate *= d ** n
         np.add.at(self.rate, (layer[ok], ids[ok]), w[ok])
-
-    def score_array(self) -> np.ndarray:
-        """[L, E] rates (a live view)."""
-        return self.rate
-
-    def on_admit(self, eid: ExpertId) -> None:
-        """Admission is not an activation."""
-
-    def on_evict(self, eid: ExpertId) -> None:
-        """Rates survive eviction."""
-
-    def victim(self, candidates: Sequence[ExpertId]) -> ExpertId:
-        if not candidates:
-            raise ValueError("victim() needs at least one candidate")
-        v = self.rate
-        return min(candidates, key=lambda eid: (v[eid[0], eid[1]], eid))  # lowest, ties by id
-
-    def victim_masked(self, first: int, mask: np.ndarray) -> ExpertId:
-        """``victim`` over the candidates ``mask`` [n, E] marks from layer ``first`` (see ExpertCache)."""
-        return lowest_masked(first, mask, self.rate[first:first + mask.shape[0]])
-
-    def score(self, eid: ExpertId) -> float:
-        return float(self.rate[eid[0], eid[1]])
-
