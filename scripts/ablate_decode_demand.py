@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
 from pathlib import Path
 from typing import Mapping, Optional
@@ -46,7 +45,7 @@ from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.host import HostTime
 from hybrimoe_kt.core.strategies import STRATEGIES, StrategySpec, with_overrides
 from hybrimoe_kt.measure.provenance import provenance
-from hybrimoe_kt.sim.defaults import REAL_MIXTRAL, infer_model
+from hybrimoe_kt.sim.defaults import infer_model
 from hybrimoe_kt.sim.runner import SimSetup, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec
 
@@ -108,13 +107,7 @@ def main() -> None:
             runs.append({"trace": tname, "hardware": hw, "ratios": rs, "wall_s": round(time.perf_counter() - t0, 1)})
             for r in rs:
                 by = {x["strategy"]: x for x in recs if x["cache_ratio"] == r}
-                cell = {"trace": tname, "trace_spec": tspec if tspec.startswith("synthetic:") else REAL_MIXTRAL,
-                        "model": model.name, "hardware": hw, "cache_ratio": r,
-                        "decode_tok_s": {k: round(v["decode_tok_s"], 4) for k, v in by.items()},
-                        "decode_hit_rate": {k: round(v["decode_hit_rate"], 4) for k, v in by.items()},
-                        "host_decode_us_per_layer": {
-                            k: round(v["host_critical_us_per_layer"] + v["host_background_us_per_layer"], 3)
-                            for k, v in by.items()},
+                cell = {**pg.cell_fields(tname, tspec, model, hw, r, by),
                         "ratio": {n: {k: round(by[n]["decode_tok_s"] / by[k]["decode_tok_s"], 4)
                                       for k in (*pg.DEPLOYABLE, "hybrimoe", "oracle") if by[k]["decode_tok_s"] > 0}
                                   for n in names}}
@@ -146,10 +139,7 @@ def main() -> None:
                                     "decode critical of hybrimoe-layer + hybrimoe's upkeep"} for n in names},
            "hardware_profiles": args.hardware.split(","), **provenance(seed=args.seed),
            "summary": summary, "cells": cells, "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out}")
+    pg.write_json(doc, args.out)
 
 
 if __name__ == "__main__":

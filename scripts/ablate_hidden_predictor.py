@@ -42,7 +42,7 @@ from hybrimoe_kt.core.hardware import load_profile
 from hybrimoe_kt.core.host import HostTime
 from hybrimoe_kt.core.strategies import STRATEGIES, StrategySpec, with_overrides
 from hybrimoe_kt.measure.provenance import provenance
-from hybrimoe_kt.sim.defaults import REAL_MIXTRAL, infer_model
+from hybrimoe_kt.sim.defaults import infer_model
 from hybrimoe_kt.sim.hidden import HOOK_HOST_US, gate_cost_s
 from hybrimoe_kt.sim.runner import SimSetup, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec
@@ -167,13 +167,7 @@ def main() -> None:
             runs.append({"trace": tname, "hardware": hw, "ratios": rs, "wall_s": round(time.perf_counter() - t0, 1)})
             for r in rs:
                 by = {x["strategy"]: x for x in recs if x["cache_ratio"] == r}
-                cell = {"trace": tname, "trace_spec": tspec if tspec.startswith("synthetic:") else REAL_MIXTRAL,
-                        "model": model.name, "hardware": hw, "cache_ratio": r,
-                        **{m: {k: round(v[m], 4) for k, v in by.items()}
-                           for m in ("decode_tok_s", "prefill_tok_s", "decode_hit_rate")},
-                        "host_decode_us_per_layer": {
-                            k: round(v["host_critical_us_per_layer"] + v["host_background_us_per_layer"], 3)
-                            for k, v in by.items()},
+                cell = {**pg.cell_fields(tname, tspec, model, hw, r, by),
                         "oracle_variant": by["oracle"].get("oracle_variant"),
                         "ratio": {n: {k: round(by[n]["decode_tok_s"] / by[k]["decode_tok_s"], 4) for k in COMPARE}
                                   for n in names},
@@ -208,10 +202,7 @@ def main() -> None:
                              "host_source": p.host.source if p.host else None}
                         for hw in args.hardware.split(",") for p in [load_profile(hw)]},
            **provenance(seed=args.seed), "summary": summary, "cells": cells, "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out}")
+    pg.write_json(doc, args.out)
 
 
 if __name__ == "__main__":

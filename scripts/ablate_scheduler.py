@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -266,10 +265,7 @@ def main() -> None:
            "hardware_profiles": hw, **provenance(seed={"goal": 0, "tuning": 1}),
            "decision_cost_us_random_routings": decision_cost(0, 200, args.repeats),
            "host_extra": extras, "summary": summary, "cells": cells, "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out}")
+    pg.write_json(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from hybrimoe_kt.sim.defaults import infer_model
 from hybrimoe_kt.sim.oracle import STEP_FUTURE
 from hybrimoe_kt.sim.runner import SimSetup, simulate
 from hybrimoe_kt.traces.spec import parse_trace_spec
-from policy_goals import GOALS, fitting, geomean, traces
+from policy_goals import GOALS, fitting, geomean, traces, write_json
 
 BASE = ("static-frequency", "lru-offload", "hybrimoe-paper", "hybrimoe", "oracle")
 
@@ -80,9 +80,7 @@ def main() -> None:
            "note": "SIMULATED decode tok/s, host time charged from the profiles; hybrimoe/future-hN pays "
                    "hybrimoe's host time and knows the next N tokens' experts (a bound, not a policy)",
            "hardware_profiles": args.hardware.split(","), **provenance(seed=args.seed), **res}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    out = write_json(doc, args.out)
     print(f"SIMULATED (host time charged), seed {args.seed}: hybrimoe / its design told the future")
     for c in res["cells"]:
         print(f"{c['trace']:28s} {c['hardware']:13s} {c['cache_ratio']:4.0%}  hybrimoe/told "
@@ -92,7 +90,6 @@ def main() -> None:
     print("geomean", json.dumps(res["geomean"]))
     for k, v in res["goals_if_told"].items():
         print(f"  {'MET ' if v['met'] else 'NOT '} {k}: {v['geomean']}")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,28 @@ def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
+def cell_fields(tname: str, tspec: str, model, hw: str, ratio: float, by: dict[str, dict]) -> dict:
+    """What every goal-grid cell records: where it is, and per strategy (``by``: the simulate records at
+    ``ratio``) its decode and prefill tok/s, decode hit rate and decode host time per layer call."""
+    return {"trace": tname, "trace_spec": tspec if tspec.startswith("synthetic:") else REAL_MIXTRAL,
+            "model": model.name, "hardware": hw, "cache_ratio": ratio,
+            "decode_tok_s": {k: round(v["decode_tok_s"], 4) for k, v in by.items()},
+            "prefill_tok_s": {k: round(v["prefill_tok_s"], 3) for k, v in by.items()},
+            "decode_hit_rate": {k: round(v["decode_hit_rate"], 4) for k, v in by.items()},
+            "host_decode_us_per_layer": {
+                k: round(v["host_critical_us_per_layer"] + v["host_background_us_per_layer"], 3)
+                for k, v in by.items()}}
+
+
+def write_json(doc: dict, out: str | Path) -> Path:
+    """Write a results document (sorted keys, one space indent) and say where."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def run_grid(seed: int, hardware: list[str], ratios: list[float], candidate: Optional[tuple[str, dict]],
              only: Optional[list[str]] = None) -> dict:
     subject = STRATEGIES[SUBJECT]
@@ -81,14 +103,7 @@ def run_grid(seed: int, hardware: list[str], ratios: list[float], candidate: Opt
             for r in rs:
                 by = {x["strategy"]: x for x in recs if x["cache_ratio"] == r}
                 me = by[subject.name]
-                cell = {"trace": tname, "trace_spec": tspec if tspec.startswith("synthetic:") else REAL_MIXTRAL,
-                        "model": model.name, "hardware": hw, "cache_ratio": r,
-                        "decode_tok_s": {k: round(v["decode_tok_s"], 4) for k, v in by.items()},
-                        "prefill_tok_s": {k: round(v["prefill_tok_s"], 3) for k, v in by.items()},
-                        "decode_hit_rate": {k: round(v["decode_hit_rate"], 4) for k, v in by.items()},
-                        "host_decode_us_per_layer": {
-                            k: round(v["host_critical_us_per_layer"] + v["host_background_us_per_layer"], 3)
-                            for k, v in by.items()},
+                cell = {**cell_fields(tname, tspec, model, hw, r, by),
                         "oracle_variant": by["oracle"].get("oracle_variant"),
                         "ratio": {k: round(me["decode_tok_s"] / v["decode_tok_s"], 4)
                                   for k, v in by.items() if k != subject.name and v["decode_tok_s"] > 0}}
@@ -127,9 +142,7 @@ def main() -> None:
                    "(64 prompt + 128 decode tokens); the real Mixtral trace: its 4 requests, leave one "
                    "request out for the calibration counts of frequency placements",
            "hardware_profiles": args.hardware.split(","), **provenance(seed=args.seed), **res}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    out = write_json(doc, args.out)
     print(f"SIMULATED (host time charged), subject {res['subject']}, seed {args.seed}")
     print(f"{'trace':28s} {'hw':13s} cache  " + " ".join(f"{k[:10]:>10s}" for k in (*DEPLOYABLE, "oracle")))
     for c in res["cells"]:
